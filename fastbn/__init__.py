@@ -1,0 +1,25 @@
+"""fastbn: batch normalization for array code, routed to the fastest backend.
+
+One API (:func:`batch_norm_forward`, :func:`batch_norm_backward`,
+:func:`batch_norm`, :class:`BatchNorm`) over NumPy and CuPy arrays, served by
+registered backends: a NumPy reference, Cython+OpenMP, Numba and CuPy kernels,
+and any plugin in the ``fastbn.backends`` entry-point group.
+"""
+from ._version import __version__
+# The built-in backends register themselves; import the subpackage before the
+# function fastbn.backends() takes that name in this namespace.
+from . import backends as _builtin_backends
+from ._api import (BackwardResult, ForwardResult, batch_norm, batch_norm_backward,
+                   batch_norm_forward)
+from ._config import show_config
+from ._registry import (Backend, BackendInfo, BackendUnavailableError, backends, get_backend,
+                        last_backend, register_backend, use_backend)
+from ._threads import get_num_threads, num_threads, set_num_threads
+from .layer import BatchNorm
+
+__all__ = [
+    "Backend", "BackendInfo", "BackendUnavailableError", "BackwardResult", "BatchNorm",
+    "ForwardResult", "__version__", "backends", "batch_norm", "batch_norm_backward",
+    "batch_norm_forward", "get_backend", "get_num_threads", "last_backend", "num_threads",
+    "register_backend", "set_num_threads", "show_config", "use_backend",
+]

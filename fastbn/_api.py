@@ -1,0 +1,314 @@
+"""The public functions: validate -> canonical view -> pick backend -> call -> wrap.
+
+The core owns every per-channel computation (folding constants, eps, running
+statistics) so that each backend only moves data: see the composition below.
+"""
+from typing import Any, NamedTuple
+
+from . import _registry
+from ._validate import (STAT_DTYPE, canonical, channel_vector, check_array, check_eps,
+                        check_flag, check_momentum, check_out, check_training_count,
+                        device_of, running_stats)
+
+_FLOATS = frozenset(STAT_DTYPE)
+
+
+class ForwardResult(NamedTuple):
+    """Result of :func:`batch_norm_forward`.
+
+    Attributes
+    ----------
+    y : array
+        The normalized output, same shape, dtype, array library and device as ``x``.
+    mean : array, shape (C,)
+        The batch mean when training, else the running mean used.
+    invstd : array, shape (C,)
+        ``1 / sqrt(var + eps)`` with the biased batch variance when training,
+        else with the running variance.
+    """
+
+    y: Any
+    mean: Any
+    invstd: Any
+
+
+class BackwardResult(NamedTuple):
+    """Result of :func:`batch_norm_backward`.
+
+    Attributes
+    ----------
+    dx : array
+        Gradient with respect to ``x``.
+    dweight : array, shape (C,)
+        ``sum(dy * xhat)`` per channel (the gradient at ``weight``; computed even
+        when ``weight`` is None, as the gradient an affine scale of 1 would get).
+    dbias : array, shape (C,)
+        ``sum(dy)`` per channel.
+    """
+
+    dx: Any
+    dweight: Any
+    dbias: Any
+
+
+# --- composition of the four kernels ------------------------------------------------
+
+def _invstd(xp, var, eps):
+    return 1.0 / xp.sqrt(var + eps)
+
+
+def _train_forward(be, view, weight, bias, eps, y3):
+    """Statistics and normalization on one backend: (mean, m2, invstd) or NotImplemented."""
+    xp, x3, n = view.xp, view.x3, view.count
+    fused = getattr(be, "forward_train", None)
+    if fused is not None:
+        stats = fused(x3, weight, bias, eps, y3)
+        if stats is NotImplemented:
+            return NotImplemented
+        mean, m2 = stats
+        return mean, m2, _invstd(xp, m2 / n, eps)
+    stats = be.stats(x3)
+    if stats is NotImplemented:
+        return NotImplemented
+    mean, m2 = stats
+    invstd = _invstd(xp, m2 / n, eps)
+    if be.normalize(x3, mean, weight * invstd, bias, y3) is NotImplemented:
+        return NotImplemented
+    return mean, m2, invstd
+
+
+def _train_backward(be, view, dy3, mean, invstd, weight, dx3):
+    """Reductions and dx on one backend: (sum_dy, sum_dy_xmu) or NotImplemented."""
+    x3, n = view.x3, view.count
+    fused = getattr(be, "backward_train", None)
+    if fused is not None:
+        return fused(dy3, x3, mean, invstd, weight, dx3)
+    sums = be.backward_reduce(dy3, x3, mean)
+    if sums is NotImplemented:
+        return NotImplemented
+    sum_dy, sum_dy_xmu = sums
+    k_dy = weight * invstd
+    k_x = -k_dy * invstd * invstd * sum_dy_xmu / n
+    k_c = -k_dy * sum_dy / n
+    if be.backward_elemt(dy3, x3, mean, k_dy, k_x, k_c, dx3) is NotImplemented:
+        return NotImplemented
+    return sum_dy, sum_dy_xmu
+
+
+def _eval_backward(be, view, dy3, mean, invstd, weight, dx3):
+    """dx = dy * invstd * weight, plus the reductions for dweight and dbias."""
+    sums = be.backward_reduce(dy3, view.x3, mean)
+    if sums is NotImplemented:
+        return NotImplemented
+    zeros = view.xp.zeros_like(mean)
+    if be.backward_elemt(dy3, view.x3, mean, weight * invstd, zeros, zeros, dx3) is NotImplemented:
+        return NotImplemented
+    return sums
+
+
+# --- public functions ---------------------------------------------------------------
+
+def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+                       training=True, momentum=0.1, eps=1e-5, axis=1, out=None, backend=None):
+    r"""Batch-normalize ``x`` over every axis but ``axis``.
+
+    .. math::
+
+        y = \frac{x - \mu_c}{\sqrt{\sigma^2_c + \epsilon}} \, \gamma_c + \beta_c
+
+    When ``training``, :math:`\mu_c, \sigma^2_c` are the batch mean and biased
+    variance of channel ``c`` over the other axes, and the running statistics
+    (if given) are updated in place:
+    ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+    variance :math:`\sigma^2_c \, n / (n - 1)`. Otherwise the running statistics
+    are used and left unchanged.
+
+    Parameters
+    ----------
+    x : array, rank >= 2, float16/float32/float64
+        Input, channels on ``axis``: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``,
+        ``(N, C, D, H, W)``, or channels-last with ``axis=-1``.
+    weight, bias : array of shape (C,), optional
+        Scale :math:`\gamma` (default 1) and shift :math:`\beta` (default 0), in
+        ``x``'s dtype or the statistics dtype.
+    running_mean, running_var : array of shape (C,), optional
+        Running statistics, given together, in the statistics dtype (float32 for
+        float16/float32 ``x``, float64 for float64 ``x``). Required when not training.
+    training : bool, default True
+        Use batch statistics (and update running ones) or running statistics.
+    momentum : float in [0, 1], default 0.1
+        Weight of the batch statistics in the running-statistics update.
+    eps : float > 0, default 1e-5
+        Added to the variance before the square root.
+    axis : int, default 1
+        The channel axis; negative values count from the end.
+    out : array, optional
+        Where to write ``y`` (same shape and dtype as ``x``); may be ``x`` itself.
+    backend : str or Backend, optional
+        Run on this backend (or raise :class:`BackendUnavailableError`), overriding
+        :func:`use_backend` and ``FASTBN_BACKEND``.
+
+    Returns
+    -------
+    ForwardResult
+        ``(y, mean, invstd)``: the output and the statistics a backward pass needs,
+        with ``invstd = 1 / sqrt(var + eps)``, in the statistics dtype.
+
+    Raises
+    ------
+    TypeError
+        For a wrong type or dtype of any argument.
+    ValueError
+        For wrong shapes or values (``eps <= 0``, ``momentum`` outside [0, 1],
+        one value per channel when training, ...). Nothing is written then.
+    BackendUnavailableError
+        If the backend asked for cannot serve the call.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (8, 4, 5, 5)).astype(np.float32)
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x)
+    >>> bool(abs(y.mean()) < 1e-5)
+    True
+    """
+    view = canonical(x, axis)
+    training = check_flag(training, "training")
+    momentum = check_momentum(momentum)
+    eps = check_eps(eps)
+    dtype = view.x3.dtype.name
+    stat = STAT_DTYPE[dtype]
+    weight = channel_vector(weight, "weight", view, {dtype, stat}, stat)
+    bias = channel_vector(bias, "bias", view, {dtype, stat}, stat)
+    running_stats(running_mean, running_var, view, stat, training)
+    if training:
+        check_training_count(view)
+    # Write straight into out when its memory is the canonical layout, else
+    # into a buffer copied to out once the call has succeeded.
+    y3 = check_out(out, x, view) if out is not None else None
+    staged = None
+    if y3 is None:
+        y3, staged = view.empty()
+    y = staged if out is None else out
+
+    xp, c = view.xp, view.x3.shape[1]
+    if weight is None:
+        weight = xp.ones(c, dtype=stat)
+    if bias is None:
+        bias = xp.zeros(c, dtype=stat)
+    device = device_of(xp)
+    if training:
+        mean, m2, invstd = _registry.dispatch(
+            device, dtype, view.family, backend,
+            lambda be: _train_forward(be, view, weight, bias, eps, y3))
+        if running_mean is not None:
+            n = view.count
+            new_mean = (1.0 - momentum) * running_mean + momentum * mean
+            new_var = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
+            running_mean[...] = new_mean
+            running_var[...] = new_var
+    else:
+        mean = xp.array(running_mean, dtype=stat)
+        invstd = _invstd(xp, running_var, eps).astype(stat, copy=False)
+        scale = weight * invstd
+        _registry.dispatch(device, dtype, view.family, backend,
+                           lambda be: be.normalize(view.x3, mean, scale, bias, y3))
+    if out is not None and staged is not None:
+        out[...] = staged
+    return ForwardResult(y, mean, invstd)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis=1,
+                        backend=None):
+    r"""Gradients of batch normalization with respect to ``x``, ``weight`` and ``bias``.
+
+    With :math:`\hat{x} = (x - \mu_c)\,\mathrm{invstd}_c` and :math:`n` values per channel:
+
+    .. math::
+
+        dx = \mathrm{invstd}_c \, \gamma_c \left( dy - \overline{dy}_c
+             - \hat{x} \, \overline{dy\,\hat{x}}_c \right) \quad \text{(training)},
+        \qquad dx = dy \, \mathrm{invstd}_c \, \gamma_c \quad \text{(inference)},
+
+    :math:`d\gamma_c = \sum dy\,\hat{x}`, :math:`d\beta_c = \sum dy`, where bars are
+    means over the channel's :math:`n` values.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to ``y``; shape and dtype of ``x``.
+    x : array
+        The forward input.
+    mean, invstd : array of shape (C,)
+        As returned by :func:`batch_norm_forward` for this ``x``.
+    weight : array of shape (C,), optional
+        The scale used in the forward pass (default 1).
+    training : bool, default True
+        Whether the forward pass used batch statistics (the full gradient, in
+        which the statistics depend on ``x``) or running statistics.
+    axis : int, default 1
+        The channel axis.
+    backend : str or Backend, optional
+        As in :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    BackwardResult
+        ``(dx, dweight, dbias)``; ``dweight`` and ``dbias`` in the statistics dtype.
+    """
+    view = canonical(x, axis)
+    training = check_flag(training, "training")
+    xp = view.xp
+    check_array(dy, "dy", xp)
+    if tuple(dy.shape) != view.shape:
+        raise ValueError(f"dy: expected shape {view.shape} like x, got {tuple(dy.shape)}")
+    if dy.dtype != view.x3.dtype:
+        raise TypeError(f"dy: expected dtype {view.x3.dtype.name} like x, got {dy.dtype.name}")
+    dtype = view.x3.dtype.name
+    stat = STAT_DTYPE[dtype]
+    mean = channel_vector(mean, "mean", view, _FLOATS, stat)
+    invstd = channel_vector(invstd, "invstd", view, _FLOATS, stat)
+    if mean is None or invstd is None:
+        missing = "mean" if mean is None else "invstd"
+        raise TypeError(f"{missing}: expected an array of shape ({view.x3.shape[1]},), got None")
+    weight = channel_vector(weight, "weight", view, {dtype, stat}, stat)
+    if weight is None:
+        weight = xp.ones(view.x3.shape[1], dtype=stat)
+    dy3 = view.like(dy)
+    dx3, dx = view.empty()
+    compose = _train_backward if training else _eval_backward
+    sum_dy, sum_dy_xmu = _registry.dispatch(
+        device_of(xp), dtype, view.family, backend,
+        lambda be: compose(be, view, dy3, mean, invstd, weight, dx3))
+    return BackwardResult(dx, sum_dy_xmu * invstd, sum_dy)
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, backend=None):
+    r"""Batch normalization with :func:`torch.nn.functional.batch_norm`'s arguments.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \, \gamma + \beta
+
+    Same positional order, defaults and meaning as PyTorch: ``training=False``
+    uses the running statistics; ``training=True`` uses batch statistics and
+    updates ``running_mean``/``running_var`` in place when they are not None.
+    See :func:`batch_norm_forward` for the parameters.
+
+    Returns
+    -------
+    array
+        ``y``, same shape, dtype and array library as ``x``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.ones((4, 3), np.float32); x[0] = 3
+    >>> rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    >>> y = fastbn.batch_norm(x, rm, rv, training=True)
+    >>> rm
+    array([0.05, 0.05, 0.05], dtype=float32)
+    """
+    return batch_norm_forward(x, weight, bias, running_mean, running_var, training=training,
+                              momentum=momentum, eps=eps, axis=axis, backend=backend).y

@@ -1,0 +1,1 @@
+"""Kernels: the math of fastbn, nothing else (no validation, no registry)."""

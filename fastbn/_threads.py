@@ -1,0 +1,78 @@
+"""Thread-count control shared by the CPU backends.
+
+One number, resolved in this order: the innermost ``num_threads(n)`` context of
+the calling thread/task, then ``set_num_threads(n)``, then ``OMP_NUM_THREADS``,
+then the CPUs this process may run on.
+"""
+import contextlib
+import contextvars
+import os
+
+_scoped = contextvars.ContextVar("fastbn_num_threads", default=None)
+_global = None
+
+
+def _default_num_threads():
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _check(n):
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected a positive int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n: expected a positive int, got {n}")
+    return n
+
+
+def set_num_threads(n):
+    """Set the number of threads the CPU backends use, process-wide.
+
+    Parameters
+    ----------
+    n : int or None
+        A positive thread count, or ``None`` to go back to the default
+        (``OMP_NUM_THREADS``, else the CPUs this process may use).
+    """
+    global _global
+    _global = None if n is None else _check(n)
+
+
+def get_num_threads():
+    """Return the number of threads the CPU backends will use for the next call.
+
+    Returns
+    -------
+    int
+        The innermost ``num_threads`` context's value, else the value of
+        ``set_num_threads``, else ``OMP_NUM_THREADS``, else the CPU count.
+    """
+    n = _scoped.get()
+    if n is not None:
+        return n
+    if _global is not None:
+        return _global
+    return _default_num_threads()
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """Context manager: use ``n`` threads inside the block, in this thread/task only.
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> with fastbn.num_threads(1):
+    ...     fastbn.get_num_threads()
+    1
+    """
+    token = _scoped.set(_check(n))
+    try:
+        yield n
+    finally:
+        _scoped.reset(token)

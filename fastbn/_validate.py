@@ -1,0 +1,295 @@
+"""Every input check of fastbn, and the canonical (O, C, I) view.
+
+Backends see C-contiguous 3-D arrays ``(O, C, I)``: ``O = prod(shape[:axis])``,
+``C = shape[axis]``, ``I = prod(shape[axis+1:])``. An input whose memory is
+channels-last (the channel axis has the smallest stride and the rest are in
+order, e.g. a torch ``channels_last`` tensor) is viewed as rows ``(O*I, C, 1)``
+without a copy; any other non-contiguous input is copied once. Errors:
+``TypeError`` for wrong types and dtypes, ``ValueError`` for wrong shapes and
+values; every message names the argument, what it got and what it expects.
+"""
+import math
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+# data dtype -> dtype of saved and running statistics (and of kernel vectors)
+STAT_DTYPE = {"float16": "float32", "float32": "float32", "float64": "float64"}
+_FLOAT_NAMES = "float16, float32 or float64"
+
+
+class Canonical(NamedTuple):
+    """An input seen as a C-contiguous (O, C, I) array, and how to undo the view."""
+
+    x3: object          # the (O, C, I) C-contiguous array handed to backends
+    shape: tuple        # the caller's logical shape
+    axis: int           # non-negative channel axis
+    channels_last: bool  # x3 is (O*I, C, 1) rows over channel-last memory
+    xp: object          # the array module (numpy or cupy)
+
+    @property
+    def family(self):
+        return "rows" if self.x3.shape[2] == 1 else "planes"
+
+    @property
+    def count(self):
+        """Values per channel, n = O * I."""
+        return self.x3.shape[0] * self.x3.shape[2]
+
+    def moved_shape(self):
+        return self.shape[:self.axis] + self.shape[self.axis + 1:] + (self.shape[self.axis],)
+
+    def empty(self):
+        """Allocate (y3, y): a canonical output buffer and its logical view."""
+        xp = self.xp
+        if self.channels_last:
+            y_mem = xp.empty(self.moved_shape(), dtype=self.x3.dtype)
+            return y_mem.reshape(self.x3.shape), xp.moveaxis(y_mem, -1, self.axis)
+        y3 = xp.empty(self.x3.shape, dtype=self.x3.dtype)
+        return y3, y3.reshape(self.shape)
+
+    def view(self, a):
+        """``a`` (same logical shape) in this canonical layout, or None if that needs a copy."""
+        xp = self.xp
+        if self.channels_last:
+            moved = xp.moveaxis(a, self.axis, -1)
+            return moved.reshape(self.x3.shape) if moved.flags.c_contiguous else None
+        return a.reshape(self.x3.shape) if a.flags.c_contiguous else None
+
+    def like(self, a):
+        """``a`` in this canonical layout, copied once if it isn't already."""
+        a3 = self.view(a)
+        if a3 is not None:
+            return a3
+        xp = self.xp
+        if self.channels_last:
+            return xp.ascontiguousarray(xp.moveaxis(a, self.axis, -1)).reshape(self.x3.shape)
+        return xp.ascontiguousarray(a).reshape(self.x3.shape)
+
+
+# --- arrays and devices ------------------------------------------------------------
+
+def array_module(a):
+    """numpy for NumPy arrays, cupy for CuPy arrays (cupy is never imported here)."""
+    if isinstance(a, np.ndarray):
+        return np
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return None
+
+
+def device_of(xp):
+    return "cpu" if xp is np else "cuda"
+
+
+def check_array(a, name, xp=None):
+    """``a`` must be an array of the call's array library; returns its module."""
+    mod = array_module(a)
+    if mod is None:
+        raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, "
+                        f"got {type(a).__module__}.{type(a).__qualname__}")
+    if xp is not None and mod is not xp:
+        raise TypeError(f"{name}: expected a {xp.__name__} array like x, got a "
+                        f"{mod.__name__} array (fastbn never moves data between devices)")
+    return mod
+
+
+def check_float(a, name):
+    """``a.dtype`` must be float16/32/64; returns the dtype name."""
+    dtype = a.dtype.name
+    if dtype not in STAT_DTYPE:
+        raise TypeError(f"{name}: expected dtype {_FLOAT_NAMES}, got {dtype}")
+    return dtype
+
+
+def check_writable(a, name):
+    if not a.flags.writeable:
+        raise ValueError(f"{name}: expected a writable array, got a read-only one")
+
+
+# --- scalars -------------------------------------------------------------------
+
+def check_axis(axis, ndim):
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis: expected an int, got {type(axis).__name__}") from None
+    if isinstance(axis, bool):
+        raise TypeError("axis: expected an int, got bool")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis: expected an int in [{-ndim}, {ndim - 1}] for a {ndim}-D x, "
+                         f"got {axis}")
+    return axis % ndim
+
+
+def _real(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_eps(eps):
+    eps = _real(eps, "eps")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+    return eps
+
+
+def check_momentum(momentum):
+    momentum = _real(momentum, "momentum")
+    if not 0.0 <= momentum <= 1.0:  # also rejects NaN
+        raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
+    return momentum
+
+
+def check_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+# --- the canonical view -----------------------------------------------------------
+
+def canonical(x, axis):
+    """Validate ``x`` and ``axis``; return its :class:`Canonical` view."""
+    xp = check_array(x, "x")
+    check_float(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x: expected an array of rank >= 2 (N, C, ...), got shape {x.shape}")
+    axis = check_axis(axis, x.ndim)
+    shape = tuple(x.shape)
+    c = shape[axis]
+    o = math.prod(shape[:axis])
+    i = math.prod(shape[axis + 1:])
+    if x.flags.c_contiguous:
+        return Canonical(x.reshape(o, c, i), shape, axis, False, xp)
+    if i > 1:
+        moved = xp.moveaxis(x, axis, -1)
+        if moved.flags.c_contiguous:  # channels-last memory: rows, no copy
+            return Canonical(moved.reshape(o * i, c, 1), shape, axis, True, xp)
+    return Canonical(xp.ascontiguousarray(x).reshape(o, c, i), shape, axis, False, xp)
+
+
+def check_training_count(view):
+    if view.count <= 1:
+        raise ValueError(f"x: expected more than 1 value per channel when training, got "
+                         f"shape {view.shape} with axis={view.axis} "
+                         f"({view.count} value(s) per channel)")
+
+
+def channel_vector(v, name, view, dtypes, stat_dtype):
+    """A per-channel (C,) vector of one of ``dtypes``, returned contiguous in ``stat_dtype``."""
+    if v is None:
+        return None
+    xp = view.xp
+    check_array(v, name, xp)
+    c = view.x3.shape[1]
+    if v.shape != (c,):
+        raise ValueError(f"{name}: expected shape ({c},) (one value per channel of x), "
+                         f"got {tuple(v.shape)}")
+    if v.dtype.name not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(sorted(dtypes))} for "
+                        f"{view.x3.dtype.name} x, got {v.dtype.name}")
+    return xp.ascontiguousarray(v, dtype=stat_dtype)
+
+
+def running_stats(running_mean, running_var, view, stat_dtype, training):
+    """Check the running statistics: both or neither, (C,), stat dtype, writable when updated."""
+    if (running_mean is None) != (running_var is None):
+        given, missing = (("running_mean", "running_var") if running_var is None
+                          else ("running_var", "running_mean"))
+        raise ValueError(f"{missing}: expected an array since {given} is given "
+                         f"(running statistics come in pairs), got None")
+    if running_mean is None:
+        if not training:
+            raise ValueError("running_mean: expected arrays running_mean and running_var "
+                             "when training=False (inference uses running statistics), got None")
+        return
+    for v, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        channel_vector(v, name, view, (stat_dtype,), stat_dtype)
+        if training:
+            check_writable(v, name)
+
+
+def check_out(out, x, view):
+    """Check ``out``; return its canonical view or None when results go through a buffer."""
+    xp = view.xp
+    check_array(out, "out", xp)
+    if tuple(out.shape) != view.shape:
+        raise ValueError(f"out: expected shape {view.shape} like x, got {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out: expected dtype {x.dtype.name} like x, got {out.dtype.name}")
+    check_writable(out, "out")
+    if xp.may_share_memory(out, x) and not _same_memory(out, x):
+        raise ValueError("out: overlaps x without being x itself; pass out=x to normalize "
+                         "in place, or a separate array")
+    # out is x itself: elementwise kernels read each value before writing it
+    return view.view(out)
+
+
+def _data_pointer(a):
+    return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
+
+
+def _same_memory(a, b):
+    return _data_pointer(a) == _data_pointer(b) and a.strides == b.strides
+
+
+# --- the layer -----------------------------------------------------------------------
+
+def check_num_features(num_features):
+    if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+        raise TypeError(f"num_features: expected a positive int, got "
+                        f"{type(num_features).__name__}")
+    if num_features < 1:
+        raise ValueError(f"num_features: expected a positive int, got {num_features}")
+    return int(num_features)
+
+
+def check_dtype_name(dtype):
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        raise TypeError(f"dtype: expected {_FLOAT_NAMES}, got {dtype!r}") from None
+    if name not in STAT_DTYPE:
+        raise TypeError(f"dtype: expected {_FLOAT_NAMES}, got {name}")
+    return name
+
+
+def check_layer_input(x, stat_dtype):
+    """A layer whose statistics are ``stat_dtype`` takes data with that statistics dtype."""
+    check_array(x, "x")
+    dtype = check_float(x, "x")
+    if STAT_DTYPE[dtype] != stat_dtype:
+        allowed = [d for d, s in STAT_DTYPE.items() if s == stat_dtype]
+        raise TypeError(f"x: expected dtype {' or '.join(allowed)} for a layer whose "
+                        f"parameters are {stat_dtype}, got {dtype}")
+
+
+def state_entries(state, expected, num_features, stat_dtype):
+    """Check a state dict against the layer's keys; return {key: numpy array} to copy in."""
+    if not hasattr(state, "keys"):
+        raise TypeError(f"state_dict: expected a mapping, got {type(state).__name__}")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"state_dict: expected keys {sorted(expected)}, "
+                         f"missing {missing}, unexpected {unexpected}")
+    entries = {}
+    for key in expected:
+        value = np.asarray(state[key])
+        if key == "num_batches_tracked":
+            if value.shape != () or value.dtype.kind not in "iu":
+                raise ValueError(f"state_dict['num_batches_tracked']: expected an integer "
+                                 f"scalar, got {value.dtype} of shape {value.shape}")
+            entries[key] = int(value)
+            continue
+        if value.shape != (num_features,):
+            raise ValueError(f"state_dict[{key!r}]: expected shape ({num_features},), "
+                             f"got {value.shape}")
+        if value.dtype.kind != "f":
+            raise TypeError(f"state_dict[{key!r}]: expected a floating array, got {value.dtype}")
+        entries[key] = value.astype(stat_dtype)
+    return entries

@@ -1,0 +1,79 @@
+"""Helpers for testing fastbn backends (ours and plugins) against the reference.
+
+``tolerance(dtype)`` is the one place where accuracy expectations live: every
+parity test of fastbn, and any plugin's, takes its tolerances from here.
+"""
+import numpy as np
+
+# rtol, atol (atol is relative to the largest magnitude of the expected result)
+_TOLERANCE = {
+    "float16": (2e-3, 2e-3),   # 10-bit mantissa: one rounding of y is ~5e-4 relative
+    "float32": (2e-5, 2e-5),
+    "float64": (1e-12, 1e-12),
+}
+
+
+def tolerance(dtype):
+    """``(rtol, atol)`` for comparing results of ``dtype`` against the reference.
+
+    ``atol`` is scaled by the largest magnitude of the expected array in
+    :func:`assert_close`, so it serves outputs of any scale.
+    """
+    return _TOLERANCE[np.dtype(dtype).name]
+
+
+def to_numpy(a):
+    """A host NumPy copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def assert_close(actual, desired, dtype=None, err_msg=""):
+    """Assert ``actual`` matches ``desired`` within :func:`tolerance` of ``dtype``.
+
+    ``dtype`` defaults to ``actual``'s dtype.
+    """
+    actual, desired = to_numpy(actual), to_numpy(desired)
+    rtol, atol = tolerance(dtype if dtype is not None else actual.dtype)
+    scale = float(np.max(np.abs(desired.astype(np.float64)), initial=1.0))
+    np.testing.assert_allclose(actual.astype(np.float64), desired.astype(np.float64),
+                               rtol=rtol, atol=atol * scale, err_msg=err_msg)
+
+
+def direct_forward(x, weight=None, bias=None, eps=1e-5, axis=1):
+    """Batch norm with batch statistics, straight from the formula, in float64.
+
+    Independent of fastbn's canonical view and kernels: reduces the logical
+    array over every axis but ``axis``. Returns ``(y, mean, biased_var)``.
+    """
+    x = to_numpy(x).astype(np.float64)
+    axis = axis % x.ndim
+    axes = tuple(a for a in range(x.ndim) if a != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    mean = x.mean(axis=axes)
+    var = x.var(axis=axes)
+    w = np.ones(x.shape[axis]) if weight is None else to_numpy(weight).astype(np.float64)
+    b = np.zeros(x.shape[axis]) if bias is None else to_numpy(bias).astype(np.float64)
+    y = ((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * w.reshape(shape)
+         + b.reshape(shape))
+    return y, mean, var
+
+
+def direct_backward(dy, x, weight=None, eps=1e-5, axis=1):
+    """The training-mode BN gradient written out on the logical arrays, float64.
+
+    Returns ``(dx, dweight, dbias)``.
+    """
+    dy = to_numpy(dy).astype(np.float64)
+    x = to_numpy(x).astype(np.float64)
+    axis = axis % x.ndim
+    axes = tuple(a for a in range(x.ndim) if a != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    mean = x.mean(axis=axes, keepdims=True)
+    invstd = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    w = np.ones(shape) if weight is None else to_numpy(weight).astype(np.float64).reshape(shape)
+    xhat = (x - mean) * invstd
+    dx = invstd * w * (dy - dy.mean(axis=axes, keepdims=True)
+                       - xhat * (dy * xhat).mean(axis=axes, keepdims=True))
+    return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)

@@ -1,0 +1,50 @@
+"""Thread-count control, show_config and the command line."""
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import fastbn
+
+
+def test_num_threads_scoping(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    fastbn.set_num_threads(None)
+    assert fastbn.get_num_threads() == 3
+    try:
+        fastbn.set_num_threads(2)
+        assert fastbn.get_num_threads() == 2
+        with fastbn.num_threads(1):
+            assert fastbn.get_num_threads() == 1
+            seen = []
+            t = threading.Thread(target=lambda: seen.append(fastbn.get_num_threads()))
+            t.start()
+            t.join()
+            assert seen == [2]  # the context is this thread's only
+        assert fastbn.get_num_threads() == 2
+    finally:
+        fastbn.set_num_threads(None)
+
+
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-2, ValueError), (1.5, TypeError),
+                                     ("2", TypeError), (True, TypeError)])
+def test_num_threads_rejects(bad, exc):
+    with pytest.raises(exc, match="n: expected a positive int"):
+        fastbn.set_num_threads(bad)
+
+
+def test_show_config_dicts():
+    info = fastbn.show_config("dicts")
+    assert info["fastbn"] == fastbn.__version__
+    assert {"built", "openmp", "reason"} <= set(info["extension"])
+    numpy_row = next(r for r in info["backends"] if r["name"] == "numpy")
+    assert numpy_row["available"]
+
+
+def test_cli_info():
+    out = subprocess.run([sys.executable, "-m", "fastbn", "info"], capture_output=True,
+                         text=True, check=True).stdout
+    assert f"fastbn {fastbn.__version__}" in out
+    assert "numpy" in out and "available" in out
+    assert "build:" in out and "threads:" in out
