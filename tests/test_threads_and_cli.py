@@ -42,9 +42,10 @@ def test_show_config_dicts():
     assert numpy_row["available"]
 
 
-def test_cli_info():
+def test_cli_info(tmp_path):
+    # run outside the checkout, so `-m` finds the installed fastbn, not the source tree
     out = subprocess.run([sys.executable, "-m", "fastbn", "info"], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=tmp_path).stdout
     assert f"fastbn {fastbn.__version__}" in out
     assert "numpy" in out and "available" in out
     assert "build:" in out and "threads:" in out
