@@ -1,4 +1,5 @@
 """Build and runtime configuration, for ``show_config`` and ``python -m fastbn info``."""
+import os
 import sys
 
 import numpy as np
@@ -12,7 +13,13 @@ def _extension():
     try:
         from ._kernels import _bn_omp
     except ImportError as exc:
-        return False, False, f"not built ({exc})"
+        reason = f"not built ({exc})"
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.exists(os.path.join(checkout, "setup.py")):
+            reason += (f"; this fastbn was imported from the source checkout {checkout}: "
+                       f"run from another directory to use the installed one, or build "
+                       f"in place with `pip install -e .`")
+        return False, False, reason
     return True, _bn_omp.openmp_enabled(), ""
 
 
