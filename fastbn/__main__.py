@@ -1,18 +1,100 @@
-"""Command line: ``python -m fastbn info``."""
+"""Command line: ``python -m fastbn info`` and ``python -m fastbn bench``."""
 import argparse
+import json
 import sys
 
 
-def main(argv=None):
+def _shape(text):
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 32,64,56,56, got {text!r}")
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected a shape of rank >= 2, got {text!r}")
+    return shape
+
+
+def _parser():
     parser = argparse.ArgumentParser(prog="python -m fastbn",
                                      description="fastbn: batch normalization for array code")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, build configuration and every backend")
-    args = parser.parse_args(argv)
+    bench = commands.add_parser(
+        "bench", help="compare every available backend and peer, side by side",
+        description="Time forward training, inference and backward for every available "
+                    "backend and peer (torch, plain NumPy) on the same data, interleaved, and "
+                    "report medians, GB/s, the multiple of the memory-bandwidth floor measured "
+                    "in the same run, and the speed-up over torch.")
+    bench.add_argument("--backend", action="append", metavar="NAME",
+                       help="only this contender (repeatable): a backend name, torch or "
+                            "numpy-naive")
+    bench.add_argument("--layout", action="append", choices=["NCHW", "NHWC", "NC"],
+                       help="only this layout (repeatable; default all three)")
+    bench.add_argument("--shape", type=_shape, metavar="N,C[,H,W]",
+                       help="the tensor shape (NCHW order; with NC, the first two numbers); "
+                            "default 32,64,56,56 and 4096,1024 for NC")
+    bench.add_argument("--dtype", action="append", choices=["float32", "float64", "float16"],
+                       help="only this dtype (repeatable; default float32)")
+    bench.add_argument("--op", action="append",
+                       choices=["forward-training", "forward-training-out", "inference",
+                                "backward"],
+                       help="only this operation (repeatable; default forward-training, "
+                            "inference, backward)")
+    bench.add_argument("--threads", type=int, help="threads for every contender "
+                                                   "(default: fastbn.get_num_threads())")
+    bench.add_argument("--repeats", type=int, default=7, help="timed rounds per case (median)")
+    bench.add_argument("--warm", action="store_true",
+                       help="don't flush the caches between timed calls (default: cold)")
+    bench.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    bench.add_argument("--plot", metavar="PATH.png", help="also draw a bar chart (matplotlib)")
+    return parser
+
+
+def _bench(args):
+    from . import bench
+    from ._threads import get_num_threads
+    layouts = args.layout or ["NCHW", "NHWC", "NC"]
+    dtypes = args.dtype or ["float32"]
+    ops = args.op or ["forward-training", "inference", "backward"]
+    cases = []
+    for layout in layouts:
+        shape = bench.DEFAULT_SHAPES[layout]
+        if args.shape is not None:
+            shape = args.shape[:2] if layout == "NC" else args.shape
+        cases += [bench.Case(op, layout, shape, dtype) for dtype in dtypes for op in ops]
+    contenders = bench.available_contenders(args.backend)
+    threads = args.threads or get_num_threads()
+    if args.plot:  # fail now, not after the run, when matplotlib is missing
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SystemExit("--plot needs matplotlib: pip install matplotlib "
+                             "(or pip install fastbn[bench])")
+    missing = [p for p in bench.PEERS if bench.peer_unavailable_reason(p)]
+    results = bench.run_cases(cases, contenders, threads=threads, repeats=args.repeats,
+                              progress=bench.progress_bar, cold=not args.warm)
+    print(f"fastbn {results[0]['fastbn'] if results else ''}: medians of {args.repeats} "
+          f"interleaved rounds, {threads} threads, {'warm' if args.warm else 'cold'} caches; floor = yardstick read/copy "
+          f"kernels in the same run")
+    for p in missing:
+        print(f"(peer {p} skipped: {bench.peer_unavailable_reason(p)})")
+    print(bench.format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "git_revision": bench.git_revision()}, f, indent=1)
+        print(f"saved {args.json}")
+    if args.plot:
+        bench.plot(results, args.plot)
+        print(f"saved {args.plot}")
+    return 0
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
     if args.command == "info":
         import fastbn
         fastbn.show_config()
-    return 0
+        return 0
+    return _bench(args)
 
 
 if __name__ == "__main__":

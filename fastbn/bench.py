@@ -1,0 +1,393 @@
+"""The comparison harness behind ``python -m fastbn bench`` and ``benchmarks/``.
+
+Every contender (a registered fastbn backend, or a peer: PyTorch's CPU batch
+norm, a plain NumPy implementation) runs the same case — operation x layout x
+shape x dtype — on the same data with the same thread count, interleaved with
+the others, and is reported as a median time, GB/s of the bytes the operation
+must move, and a multiple of the memory-bandwidth floor measured in the same
+run by the yardstick kernels (a noisy machine moves the floor with everything
+else, so the ratio is what to compare over time).
+
+Floors (bytes of ``x`` = B): forward training = read + copy (the statistics
+read plus the normalize read-and-write: 3B), inference = copy (2B), backward =
+2 reads + copy (x and dy for the reductions, again for dx, written: 5B).
+"""
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import _registry, _threads
+from ._version import __version__
+
+OPS = ("forward-training", "forward-training-out", "inference", "backward")
+LAYOUTS = ("NCHW", "NHWC", "NC")
+PEERS = ("torch", "numpy-naive")
+DEFAULT_SHAPES = {"NCHW": (32, 64, 56, 56), "NHWC": (32, 64, 56, 56), "NC": (4096, 1024)}
+# bytes moved per byte of x, and the floor: (reads, copies) of x's bytes
+TRAFFIC = {"forward-training": (3, 1, 1), "forward-training-out": (3, 1, 1),
+           "inference": (2, 0, 1), "backward": (5, 2, 1)}
+
+
+class Skip(Exception):
+    """This contender cannot run this case; the message says why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    layout: str
+    shape: tuple   # logical (N, C, ...) shape; NHWC is this tensor stored channels-last
+    dtype: str
+
+    @property
+    def channels(self):
+        return self.shape[1]
+
+    @property
+    def nbytes(self):
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def bytes_moved(self):
+        return TRAFFIC[self.op][0] * self.nbytes
+
+    @property
+    def label(self):
+        return f"{self.op} {self.layout} {'x'.join(map(str, self.shape))} {self.dtype}"
+
+
+def git_revision():
+    """The checkout's git revision, when fastbn runs from one (else None)."""
+    import os
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+# --- data -----------------------------------------------------------------------------
+
+def make_data(case, seed=0):
+    """x, dy (fastbn's layout for the case) and per-channel parameters, all touched."""
+    rng = np.random.default_rng(seed)
+    stat = np.float64 if case.dtype == "float64" else np.float32
+    x = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
+    dy = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
+    if case.layout == "NHWC":  # the same tensor, channels-last in memory
+        x, dy = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, dy))
+    c = case.channels
+    params = dict(weight=rng.uniform(0.5, 1.5, c).astype(stat),
+                  bias=rng.normal(size=c).astype(stat),
+                  running_mean=np.zeros(c, stat), running_var=np.ones(c, stat))
+    return x, dy, params
+
+
+def _axis(case):
+    return -1 if case.layout == "NHWC" else 1
+
+
+def aligned_empty(shape, dtype, align=64):
+    """A 64-byte-aligned array, touched (so streaming stores into it don't page-fault)."""
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(n + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + n].view(dtype).reshape(shape)
+
+
+# --- contenders -----------------------------------------------------------------------
+
+def available_contenders(requested=None):
+    """Names of the fastbn CPU backends available here, then the peers installed."""
+    names = [info.name for info in _registry.backends() if info.available and "cpu" in info.devices]
+    names += [p for p in PEERS if peer_unavailable_reason(p) is None]
+    if requested:
+        unknown = [r for r in requested if r not in names]
+        if unknown:
+            raise ValueError(f"backend: {', '.join(unknown)} not available here; "
+                             f"available: {', '.join(names)}")
+        names = [n for n in names if n in requested]
+    return names
+
+
+def peer_unavailable_reason(name):
+    if name == "torch":
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed (pip install fastbn[bench])"
+    return None
+
+
+def prepare(contender, case, threads):
+    """A zero-argument callable running ``case`` on ``contender`` (inputs prepared once)."""
+    if contender == "torch":
+        return _prepare_torch(case, threads)
+    if contender == "numpy-naive":
+        return _prepare_numpy_naive(case)
+    return _prepare_fastbn(contender, case, threads)
+
+
+def _prepare_fastbn(name, case, threads):
+    import fastbn
+    backend = fastbn.get_backend(name)
+    if case.dtype not in backend.dtypes:
+        raise Skip(f"{name} does not serve {case.dtype}")
+    x, dy, p = make_data(case)
+    axis = _axis(case)
+    out = aligned_empty(x.shape, x.dtype) if case.op == "forward-training-out" else None
+    fwd = fastbn.batch_norm_forward(x, p["weight"], p["bias"], axis=axis, backend=name)
+
+    def forward():
+        with fastbn.num_threads(threads):
+            fastbn.batch_norm_forward(x, p["weight"], p["bias"], p["running_mean"],
+                                      p["running_var"], training=True, axis=axis, out=out,
+                                      backend=name)
+
+    def inference():
+        with fastbn.num_threads(threads):
+            fastbn.batch_norm_forward(x, p["weight"], p["bias"], p["running_mean"],
+                                      p["running_var"], training=False, axis=axis, backend=name)
+
+    def backward():
+        with fastbn.num_threads(threads):
+            fastbn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, p["weight"], axis=axis,
+                                       backend=name)
+
+    return {"inference": inference, "backward": backward}.get(case.op, forward)
+
+
+def _prepare_torch(case, threads):
+    import torch
+    import torch.nn.functional as F
+    if case.op == "forward-training-out":
+        raise Skip("torch.nn.functional.batch_norm has no out= argument")
+    torch.set_num_threads(threads)
+    x, dy, p = make_data(case)
+    if case.layout == "NHWC":  # back to logical NCHW, channels_last memory: no copy
+        xt, dyt = (torch.from_numpy(a).permute(0, 3, 1, 2) for a in (x, dy))
+        assert xt.is_contiguous(memory_format=torch.channels_last)
+    else:
+        xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+    pt = {k: torch.from_numpy(v) for k, v in p.items()}
+    eps = 1e-5
+
+    def forward():
+        F.batch_norm(xt, pt["running_mean"], pt["running_var"], pt["weight"], pt["bias"],
+                     training=True, momentum=0.1, eps=eps)
+
+    def inference():
+        F.batch_norm(xt, pt["running_mean"], pt["running_var"], pt["weight"], pt["bias"],
+                     training=False, eps=eps)
+
+    # the backward kernel alone (what autograd calls), with the saved statistics
+    _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+        xt, pt["weight"], pt["bias"], None, None, True, 0.1, eps)
+
+    def backward():
+        torch.ops.aten.native_batch_norm_backward(
+            dyt, xt, pt["weight"], None, None, save_mean, save_invstd, True, eps,
+            [True, True, True])
+
+    return {"inference": inference, "backward": backward}.get(case.op, forward)
+
+
+def _prepare_numpy_naive(case):
+    """BN as a NumPy user would write it: mean, var, then the formula."""
+    if case.op == "forward-training-out":
+        raise Skip("the plain NumPy version allocates its output")
+    x, dy, p = make_data(case)
+    axis = _axis(case) % x.ndim
+    axes = tuple(a for a in range(x.ndim) if a != axis)
+    bshape = [1] * x.ndim
+    bshape[axis] = x.shape[axis]
+    w, b = p["weight"].reshape(bshape), p["bias"].reshape(bshape)
+    rm, rv = p["running_mean"].reshape(bshape), p["running_var"].reshape(bshape)
+    eps = 1e-5
+
+    def forward():
+        mean = x.mean(axis=axes, keepdims=True)
+        var = x.var(axis=axes, keepdims=True)
+        return (x - mean) / np.sqrt(var + eps) * w + b
+
+    def inference():
+        return (x - rm) / np.sqrt(rv + eps) * w + b
+
+    mean = x.mean(axis=axes, keepdims=True)
+    invstd = 1 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+
+    def backward():
+        xhat = (x - mean) * invstd
+        dbias = dy.sum(axis=axes, keepdims=True)
+        dweight = (dy * xhat).sum(axis=axes, keepdims=True)
+        n = x.size / x.shape[axis]
+        return w * invstd * (dy - dbias / n - xhat * dweight / n), dweight, dbias
+
+    return {"inference": inference, "backward": backward}.get(case.op, forward)
+
+
+# --- floors ---------------------------------------------------------------------------
+
+def floor_kernels(case, threads):
+    """A callable doing the floor traffic of ``case`` with the yardstick kernels."""
+    try:
+        from ._kernels._bn_omp import stream_copy, stream_read
+    except ImportError:
+        stream_read = stream_copy = None
+    _, reads, copies = TRAFFIC[case.op]
+    nbytes = case.nbytes
+    src = aligned_empty((nbytes // 4,), np.float32)
+    src[...] = 1.0
+    src2 = aligned_empty((nbytes // 4,), np.float32) if reads > 1 else src
+    if reads > 1:
+        src2[...] = 2.0
+    dst = aligned_empty((nbytes // 4,), np.float32)
+    if stream_read is None:  # no extension: NumPy's own sum and copy, flagged in results
+        def run():
+            for a in (src, src2)[:reads]:
+                a.sum()
+            np.copyto(dst, src)
+        return run, "numpy"
+
+    def run():
+        for a in (src, src2)[:reads]:
+            stream_read(a, threads)
+        stream_copy(src, dst, threads)
+    return run, "yardstick"
+
+
+# --- timing ---------------------------------------------------------------------------
+
+def _time_once(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class CacheFlusher:
+    """Evicts the caches by writing a buffer larger than the last-level cache.
+
+    S and M shapes fit in this machine kind's 32 MiB L3: without a flush a
+    contender re-reads its input from cache and beats the memory floor.
+    """
+
+    def __init__(self, nbytes=128 << 20):
+        self.buffer = np.zeros(nbytes // 8)
+
+    def __call__(self):
+        self.buffer += 1.0
+
+
+def run_cases(cases, contenders, *, threads=None, repeats=7, progress=None, cold=True):
+    """Time every contender on every case, interleaved; one result dict per pair.
+
+    Per case: one warm-up call each, then ``repeats`` rounds in which every
+    contender and the floor run once, in turn, each after a cache flush when
+    ``cold``. Medians are reported.
+    """
+    threads = threads or _threads.get_num_threads()
+    flush = CacheFlusher() if cold else (lambda: None)
+    results = []
+    total = len(cases) * len(contenders)
+    done = 0
+    for case in cases:
+        runners, skipped = {}, {}
+        for name in contenders:
+            try:
+                runners[name] = prepare(name, case, threads)
+            except Skip as why:
+                skipped[name] = str(why)
+        floor_fn, floor_kind = floor_kernels(case, threads)
+        for fn in list(runners.values()) + [floor_fn]:
+            fn()  # warm-up: first-touch, caches, JIT
+        times = {name: [] for name in runners}
+        floor_times = []
+        for _ in range(repeats):
+            flush()
+            floor_times.append(_time_once(floor_fn))
+            for name, fn in runners.items():
+                flush()
+                times[name].append(_time_once(fn))
+        floor = statistics.median(floor_times)
+        torch_median = statistics.median(times["torch"]) if "torch" in times else None
+        for name in contenders:
+            done += 1
+            if progress:
+                progress(done, total, f"{name} {case.label}")
+            row = dict(contender=name, **asdict(case), threads=threads, repeats=repeats,
+                       caches="cold" if cold else "warm",
+                       bytes_moved=case.bytes_moved, floor_s=floor, floor_kind=floor_kind,
+                       fastbn=__version__)
+            if name in skipped:
+                results.append(dict(row, skipped=skipped[name]))
+                continue
+            median = statistics.median(times[name])
+            results.append(dict(row, median_s=median, gbps=case.bytes_moved / median / 1e9,
+                                floor_ratio=median / floor,
+                                speedup_vs_torch=(torch_median / median
+                                                  if torch_median else None)))
+    return results
+
+
+def progress_bar(done, total, label, width=30, stream=sys.stderr):
+    filled = int(width * done / total)
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}")
+    if done == total:
+        stream.write("\n")
+    stream.flush()
+
+
+def format_table(results):
+    """A text table: one row per contender and case."""
+    header = (f"{'backend':<12} {'operation':<21} {'layout':<5} {'shape':<14} {'dtype':<8} "
+              f"{'median ms':>10} {'GB/s':>7} {'x floor':>8} {'vs torch':>9}")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        shape = "x".join(map(str, r["shape"]))
+        head = f"{r['contender']:<12} {r['op']:<21} {r['layout']:<5} {shape:<14} {r['dtype']:<8} "
+        if "skipped" in r:
+            lines.append(head + f"skipped: {r['skipped']}")
+            continue
+        vs = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "-"
+        lines.append(head + f"{r['median_s'] * 1e3:>10.3f} {r['gbps']:>7.1f} "
+                            f"{r['floor_ratio']:>8.2f} {vs:>9}")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    """Bar chart of the floor ratio (lower is better) per case and contender."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib "
+                         "(or pip install fastbn[bench])") from None
+    rows = [r for r in results if "skipped" not in r]
+    cases = list(dict.fromkeys((r["op"], r["layout"], r["dtype"]) for r in rows))
+    contenders = list(dict.fromkeys(r["contender"] for r in rows))
+    ratio = {(r["op"], r["layout"], r["dtype"], r["contender"]): r["floor_ratio"] for r in rows}
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cases)), 5))
+    width = 0.8 / max(1, len(contenders))
+    for k, name in enumerate(contenders):
+        xs = [i + k * width for i in range(len(cases))]
+        ys = [ratio.get(c + (name,), float("nan")) for c in cases]
+        ax.bar(xs, ys, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels([f"{op}\n{layout} {dtype}" for op, layout, dtype in cases], fontsize=8)
+    ax.set_ylabel("time / memory-bandwidth floor (lower is better)")
+    ax.set_yscale("log")
+    threads = rows[0]["threads"] if rows else "?"
+    ax.set_title(f"fastbn {__version__}: batch norm vs the memory floor ({threads} threads)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
