@@ -62,7 +62,10 @@ def _bench(args):
         if args.shape is not None:
             shape = args.shape[:2] if layout == "NC" else args.shape
         cases += [bench.Case(op, layout, shape, dtype) for dtype in dtypes for op in ops]
-    contenders = bench.available_contenders(args.backend)
+    try:
+        contenders = bench.available_contenders(args.backend)
+    except ValueError as exc:
+        raise SystemExit(f"fastbn bench: {exc}") from None
     threads = args.threads or get_num_threads()
     if args.plot:  # fail now, not after the run, when matplotlib is missing
         import importlib.util

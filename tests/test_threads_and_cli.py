@@ -49,3 +49,24 @@ def test_cli_info(tmp_path):
     assert f"fastbn {fastbn.__version__}" in out
     assert "numpy" in out and "available" in out
     assert "build:" in out and "threads:" in out
+
+
+def test_cli_bench_smoke(tmp_path):
+    """A tiny run: the table, the JSON, and the floor ratio per result."""
+    import json
+    path = tmp_path / "run.json"
+    out = subprocess.run([sys.executable, "-m", "fastbn", "bench", "--shape", "4,3,5,5",
+                          "--repeats", "1", "--backend", "numpy", "--backend", "numpy-naive",
+                          "--warm", "--json", str(path)],
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert "x floor" in out and "numpy-naive" in out
+    results = json.loads(path.read_text())["results"]
+    assert {r["contender"] for r in results} == {"numpy", "numpy-naive"}
+    assert len(results) == 2 * 3 * 3  # contenders x layouts x operations
+    assert all(r["floor_ratio"] > 0 and r["threads"] >= 1 for r in results)
+
+
+def test_cli_bench_rejects_unknown_backend(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fastbn", "bench", "--backend", "nope"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "nope" in result.stderr
