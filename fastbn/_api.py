@@ -6,6 +6,7 @@ statistics) so that each backend only moves data: see the composition below.
 from typing import Any, NamedTuple
 
 from . import _registry
+from ._arrays import Interop
 from ._validate import (STAT_DTYPE, canonical, channel_vector, check_array, check_eps,
                         check_flag, check_momentum, check_out, check_training_count,
                         device_of, running_stats)
@@ -172,6 +173,13 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     >>> bool(abs(y.mean()) < 1e-5)
     True
     """
+    io = Interop(x)
+    caller_out = out
+    if not io.passthrough:
+        x, weight, bias, running_mean, running_var, out = (
+            io.native(a, name) for a, name in (
+                (x, "x"), (weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
+                (running_var, "running_var"), (out, "out")))
     view = canonical(x, axis)
     training = check_flag(training, "training")
     momentum = check_momentum(momentum)
@@ -215,7 +223,10 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                            lambda be: be.normalize(view.x3, mean, scale, bias, y3))
     if out is not None and staged is not None:
         out[...] = staged
-    return ForwardResult(y, mean, invstd)
+    if io.passthrough:
+        return ForwardResult(y, mean, invstd)
+    return ForwardResult(caller_out if caller_out is not None else io.wrap(y),
+                         io.wrap(mean), io.wrap(invstd))
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis=1,
@@ -256,6 +267,11 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     BackwardResult
         ``(dx, dweight, dbias)``; ``dweight`` and ``dbias`` in the statistics dtype.
     """
+    io = Interop(x)
+    if not io.passthrough:
+        dy, x, mean, invstd, weight = (
+            io.native(a, name) for a, name in (
+                (dy, "dy"), (x, "x"), (mean, "mean"), (invstd, "invstd"), (weight, "weight")))
     view = canonical(x, axis)
     training = check_flag(training, "training")
     xp = view.xp
@@ -280,7 +296,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     sum_dy, sum_dy_xmu = _registry.dispatch(
         device_of(xp), dtype, view.family, backend,
         lambda be: compose(be, view, dy3, mean, invstd, weight, dx3))
-    return BackwardResult(dx, sum_dy_xmu * invstd, sum_dy)
+    return BackwardResult(io.wrap(dx), io.wrap(sum_dy_xmu * invstd), io.wrap(sum_dy))
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,

@@ -85,15 +85,15 @@ def device_of(xp):
 
 
 def check_array(a, name, xp=None):
-    """``a`` must be an array of the call's array library; returns its module."""
+    """``a`` must be an array of the call's array library ``xp``; returns its module."""
     mod = array_module(a)
-    if mod is None:
-        raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, "
-                        f"got {type(a).__module__}.{type(a).__qualname__}")
-    if xp is not None and mod is not xp:
-        raise TypeError(f"{name}: expected a {xp.__name__} array like x, got a "
-                        f"{mod.__name__} array (fastbn never moves data between devices)")
-    return mod
+    if mod is not None and (xp is None or mod is xp):
+        return mod
+    got = f"{type(a).__module__}.{type(a).__qualname__}".replace("builtins.", "")
+    if xp is None:
+        raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got {got}")
+    raise TypeError(f"{name}: expected a {xp.__name__} array like x, got {got} "
+                    f"(one array library per call; fastbn never moves data between devices)")
 
 
 def check_float(a, name):
