@@ -4,6 +4,20 @@ import pytest
 
 import fastbn
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # property tests skip themselves
+    pass
+else:
+    # `pytest --hypothesis-profile=nightly` for the long run; CI uses "ci".
+    settings.register_profile("ci", max_examples=60, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow,
+                                                     HealthCheck.function_scoped_fixture])
+    settings.register_profile("nightly", max_examples=2000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow,
+                                                     HealthCheck.function_scoped_fixture])
+    settings.load_profile("ci")
+
 
 def _backend_params():
     """One param per registered backend; unavailable ones skip with their reason."""

@@ -1,4 +1,10 @@
-"""Every validation error: type, a message naming the argument, and nothing written."""
+"""The hostile-input catalogue: every validation error, as one table per function.
+
+Each case asserts the exception type, a message naming the argument, and that
+no running statistic or ``out`` changed. Decisions recorded here: a zero-size
+batch is an error when training (no statistics to compute; PyTorch raises too)
+and fine in inference; ``out=x`` normalizes in place, a partial overlap is an error.
+"""
 import numpy as np
 import pytest
 
@@ -31,6 +37,10 @@ FORWARD_CASES = [
     ("x-object", dict(x=np.ones((4, C, 5), object), out=None), TypeError, ["x", "object"]),
     ("x-rank1", dict(x=np.ones(C, np.float32), out=None), ValueError, ["x", "rank"]),
     ("x-rank0", dict(x=np.float32(1.0), out=None), TypeError, ["x"]),
+    ("x-rank0-array", dict(x=np.array(1.0, np.float32), out=None), ValueError, ["x", "rank"]),
+    ("x-float128", dict(x=np.ones((4, C, 5), np.longdouble), out=None), TypeError,
+     ["x", "float128"]),
+    ("x-str", dict(x="abc", out=None), TypeError, ["x", "str"]),
     ("axis-out-of-range", dict(axis=3), ValueError, ["axis", "3"]),
     ("axis-float", dict(axis=1.0), TypeError, ["axis", "float"]),
     ("axis-wrong-channels", dict(axis=2), ValueError, ["weight", "(5,)"]),
@@ -38,6 +48,7 @@ FORWARD_CASES = [
      ["weight", f"({C},)", f"({C + 1},)"]),
     ("weight-2d", dict(weight=np.ones((C, 1), np.float32)), ValueError, ["weight"]),
     ("weight-dtype", dict(weight=np.ones(C, np.float64)), TypeError, ["weight", "float64"]),
+    ("mixed-bias-float16", dict(bias=np.ones(C, np.float16)), TypeError, ["bias", "float16"]),
     ("weight-int", dict(weight=np.ones(C, np.int32)), TypeError, ["weight", "int32"]),
     ("weight-list", dict(weight=[1.0] * C), TypeError, ["weight", "list"]),
     ("bias-shape", dict(bias=np.ones(C - 1, np.float32)), ValueError, ["bias"]),
@@ -47,6 +58,11 @@ FORWARD_CASES = [
      ["running_mean", f"({C},)"]),
     ("running_var-dtype", dict(running_var=np.ones(C, np.float64)), TypeError,
      ["running_var", "float64"]),
+    ("running-stats-float32-for-float64-x",
+     dict(x=np.ones((4, C, 5)), out=None, weight=None, bias=None), TypeError,
+     ["running_mean", "float32"]),
+    ("running_var-readonly", dict(running_var=_readonly(np.ones(C, np.float32))), ValueError,
+     ["running_var", "read-only"]),
     ("running_mean-readonly", dict(running_mean=_readonly(np.zeros(C, np.float32))), ValueError,
      ["running_mean", "read-only"]),
     ("eps-zero", dict(eps=0.0), ValueError, ["eps"]),
@@ -61,6 +77,7 @@ FORWARD_CASES = [
     ("training-str", dict(training="yes"), TypeError, ["training", "str"]),
     ("out-shape", dict(out=np.zeros((4, C, 6), np.float32)), ValueError, ["out", "shape"]),
     ("out-dtype", dict(out=np.zeros((4, C, 5), np.float64)), TypeError, ["out", "float64"]),
+    ("out-list", dict(out=[0.0] * 60), TypeError, ["out", "list"]),
     ("out-readonly", dict(out=_readonly(np.zeros((4, C, 5), np.float32))), ValueError,
      ["out", "read-only"]),
     ("one-value-per-channel", dict(x=np.ones((1, C), np.float32), out=None), ValueError,
@@ -71,6 +88,7 @@ FORWARD_CASES = [
      ["x", "more than 1 value per channel"]),
     ("unknown-backend", dict(backend="no-such-backend"), ValueError,
      ["backend", "no-such-backend"]),
+    ("backend-not-a-name", dict(backend=3), TypeError, ["backend"]),
 ]
 
 
@@ -111,6 +129,12 @@ def test_read_only_running_stats_allowed_in_inference():
     rm, rv = _readonly(np.zeros(C, np.float32)), _readonly(np.ones(C, np.float32))
     y = fastbn.batch_norm(x, rm, rv, training=False)
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_zero_size_batch_in_inference_gives_empty_output():
+    y = fastbn.batch_norm(np.ones((0, C, 4), np.float32), np.zeros(C, np.float32),
+                          np.ones(C, np.float32), training=False)
+    assert y.shape == (0, C, 4)
 
 
 def test_inference_with_one_value_per_channel_is_fine():
