@@ -6,7 +6,7 @@ statistics) so that each backend only moves data: see the composition below.
 from typing import Any, NamedTuple
 
 from . import _registry
-from ._arrays import Interop
+from ._arrays import Interop, device_scope
 from ._validate import (STAT_DTYPE, canonical, channel_vector, check_array, check_eps,
                         check_flag, check_momentum, check_out, check_training_count,
                         device_of, running_stats)
@@ -180,6 +180,18 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
             io.native(a, name) for a, name in (
                 (x, "x"), (weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
                 (running_var, "running_var"), (out, "out")))
+    with device_scope(x):  # CuPy: allocate on x's GPU, not the current one
+        y, mean, invstd = _forward(x, weight, bias, running_mean, running_var, training,
+                                   momentum, eps, axis, out, backend)
+    if io.passthrough:
+        return ForwardResult(y, mean, invstd)
+    return ForwardResult(caller_out if caller_out is not None else io.wrap(y),
+                         io.wrap(mean), io.wrap(invstd))
+
+
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis, out,
+             backend):
+    """Validate, view, dispatch and update running statistics; returns (y, mean, invstd)."""
     view = canonical(x, axis)
     training = check_flag(training, "training")
     momentum = check_momentum(momentum)
@@ -223,10 +235,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                            lambda be: be.normalize(view.x3, mean, scale, bias, y3))
     if out is not None and staged is not None:
         out[...] = staged
-    if io.passthrough:
-        return ForwardResult(y, mean, invstd)
-    return ForwardResult(caller_out if caller_out is not None else io.wrap(y),
-                         io.wrap(mean), io.wrap(invstd))
+    return y, mean, invstd
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis=1,
@@ -272,6 +281,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
         dy, x, mean, invstd, weight = (
             io.native(a, name) for a, name in (
                 (dy, "dy"), (x, "x"), (mean, "mean"), (invstd, "invstd"), (weight, "weight")))
+    with device_scope(x):
+        dx, dweight, dbias = _backward(dy, x, mean, invstd, weight, training, axis, backend)
+    return BackwardResult(io.wrap(dx), io.wrap(dweight), io.wrap(dbias))
+
+
+def _backward(dy, x, mean, invstd, weight, training, axis, backend):
+    """Validate, view and dispatch; returns (dx, dweight, dbias)."""
     view = canonical(x, axis)
     training = check_flag(training, "training")
     xp = view.xp
@@ -296,7 +312,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     sum_dy, sum_dy_xmu = _registry.dispatch(
         device_of(xp), dtype, view.family, backend,
         lambda be: compose(be, view, dy3, mean, invstd, weight, dx3))
-    return BackwardResult(io.wrap(dx), io.wrap(sum_dy_xmu * invstd), io.wrap(sum_dy))
+    return dx, sum_dy_xmu * invstd, sum_dy
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,

@@ -7,6 +7,7 @@ CPU, ``cupy.from_dlpack`` on CUDA; results go back through the caller's library
 ``out`` are written through the view, so a torch buffer is updated in place as
 PyTorch would. All arrays of one call must come from one library and device.
 """
+import contextlib
 import sys
 
 import numpy as np
@@ -90,3 +91,9 @@ class Interop:
                 module = jax.numpy
             self._from_dlpack = getattr(module, "from_dlpack", None) or (lambda arr: arr)
         return self._from_dlpack(a)
+
+
+def device_scope(a):
+    """Make ``a``'s GPU current for the block (CuPy arrays); a no-op for host arrays."""
+    device = getattr(a, "device", None) if _library(a) == "cupy" else None
+    return device if device is not None else contextlib.nullcontext()

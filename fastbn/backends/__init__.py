@@ -3,8 +3,12 @@
 Each adapter imports its kernels (and optional dependencies) lazily, so
 registering costs nothing and a missing extra only makes a backend unavailable.
 Third-party backends register through the ``fastbn.backends`` entry-point group.
+
+(``fastbn.backends`` is also the public function listing backends; import an
+adapter as ``from fastbn.backends import numpy_ref``.)
 """
 from .._registry import register_backend
-from . import numpy_ref
+from . import cupy_gpu, numpy_ref
 
 register_backend(numpy_ref.backend)
+register_backend(cupy_gpu.backend)

@@ -1,0 +1,73 @@
+"""The CUDA kernels compile cleanly wherever nvcc exists, GPU or not.
+
+Each module the CuPy backend loads (one per dtype, with its compile options) is
+compiled to PTX for sm_80 and sm_90 with every warning an error, and must hold
+every kernel the backend launches, and no other dtype's.
+"""
+import importlib
+import importlib.resources
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+cupy_gpu = importlib.import_module("fastbn.backends.cupy_gpu")
+
+ARCHS = ["sm_80", "sm_90"]
+
+
+def _nvcc():
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
+            return os.path.join(root, "bin", "nvcc")
+    return None
+
+
+NVCC = _nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (on PATH, CUDA_HOME, "
+                                                     "CUDA_PATH or /usr/local/cuda)")
+
+
+@pytest.fixture(scope="module")
+def source_path():
+    """bn_cuda.cu as installed with fastbn (package data), as a file nvcc can read."""
+    resource = importlib.resources.files("fastbn._kernels").joinpath(cupy_gpu.KERNEL_SOURCE)
+    with importlib.resources.as_file(resource) as path:
+        yield path
+
+
+def _entries(ptx):
+    return set(re.findall(r"^\.visible \.entry (\w+)\(", ptx, flags=re.MULTILINE))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", sorted(cupy_gpu.STAT_DTYPE))
+def test_module_compiles_without_warnings(source_path, tmp_path, dtype, arch):
+    out = tmp_path / f"bn_cuda_{dtype}_{arch}.ptx"
+    cmd = [NVCC, "-ptx", f"-arch={arch}", *cupy_gpu.compile_options(dtype),
+           "-Werror", "all-warnings", "-o", str(out), str(source_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    report = f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    assert proc.stderr.strip() == "" and proc.stdout.strip() == "", report
+
+    entries = _entries(out.read_text())
+    expected = set(cupy_gpu.kernel_names(dtype))
+    assert expected <= entries, f"missing kernels: {sorted(expected - entries)}"
+    assert entries == expected, f"kernels of other dtypes compiled in: {sorted(entries - expected)}"
+
+
+def test_kernel_names_cover_every_launch():
+    """Names are unique and follow bn_<kernel>_<dtype>_<index>, for every dtype served."""
+    assert set(cupy_gpu.STAT_DTYPE) == set(cupy_gpu.backend.dtypes)
+    names = [n for d in cupy_gpu.STAT_DTYPE for n in cupy_gpu.kernel_names(d)]
+    assert len(names) == len(set(names)) == 8 * 2 * 3
+    for dtype in cupy_gpu.STAT_DTYPE:
+        for name in cupy_gpu.kernel_names(dtype):
+            assert re.fullmatch(rf"bn_[a-z_]+_{dtype}_i(32|64)", name), name
