@@ -367,6 +367,7 @@ def plot(results, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib "
                          "(or pip install fastbn[bench])") from None
@@ -379,12 +380,17 @@ def plot(results, path):
     for k, name in enumerate(contenders):
         xs = [i + k * width for i in range(len(cases))]
         ys = [ratio.get(c + (name,), float("nan")) for c in cases]
-        ax.bar(xs, ys, width, label=name)
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
     ax.set_xticklabels([f"{op}\n{layout} {dtype}" for op, layout, dtype in cases], fontsize=8)
     ax.set_ylabel("time / memory-bandwidth floor (lower is better)")
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FormatStrFormatter("%g")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     threads = rows[0]["threads"] if rows else "?"
     ax.set_title(f"fastbn {__version__}: batch norm vs the memory floor ({threads} threads)")
     ax.legend()
