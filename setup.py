@@ -75,6 +75,8 @@ extensions = [
         "fastbn._kernels._bn_omp",
         ["fastbn/_kernels/_bn_omp.pyx"],
         include_dirs=[np.get_include(), "fastbn/_kernels"],
+        depends=[f"fastbn/_kernels/{h}" for h in ("_bn_simd.h", "_bn_simd_t.h", "_bn_simd_d.h",
+                                                  "_omp_compat.h")],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 ]

@@ -66,6 +66,16 @@ class FusedBackend(CountingBackend):
         return sum_dy, sum_dy_xmu
 
 
+@pytest.fixture(autouse=True)
+def only_the_reference(monkeypatch):
+    """Dispatch tests see the reference and their own mocks, not the built-in fast backends."""
+    monkeypatch.setattr(_registry, "_backends", {"numpy": _registry._backends["numpy"]})
+    monkeypatch.setattr(_registry, "_availability", {})
+    monkeypatch.setattr(_registry, "_selection_cache", {})
+    monkeypatch.setattr(_registry, "_entry_points_loaded", True)
+    monkeypatch.delenv("FASTBN_BACKEND", raising=False)
+
+
 @pytest.fixture
 def register():
     """Register backends for one test, and remove them afterwards."""

@@ -1,0 +1,77 @@
+"""The Cython + OpenMP CPU backend: a thin adapter over ``fastbn._kernels._bn_omp``.
+
+The adapter holds no math: it resolves the thread count for each call, hands
+float16 data to the kernels as its uint16 bit pattern (Cython memoryviews have
+no half type) and returns what the kernels return. The compiled module is
+imported lazily, so a broken or missing build makes this backend unavailable
+instead of breaking ``import fastbn``.
+"""
+import numpy as np
+
+from .._registry import Backend
+from .._threads import get_num_threads
+
+_module = None
+
+
+def _kernels():
+    """The compiled kernels, imported on first use."""
+    global _module
+    if _module is None:
+        from .._kernels import _bn_omp
+
+        _module = _bn_omp
+    return _module
+
+
+def _bits(a):
+    """float16 arrays travel to the kernels as uint16 views (no copy)."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+class CythonBackend(Backend):
+    """Cython + OpenMP kernels for float16/float32/float64 on the CPU.
+
+    Kernels run with ``fastbn.get_num_threads()`` threads, read at each call,
+    and release the GIL for the whole computation. The fused training paths
+    pick per call between a per-channel fused loop (a channel's data re-read
+    from L2) and the two-kernel composition; both give the same results within
+    rounding.
+    """
+
+    name = "cython"
+    priority = 100
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({"float16", "float32", "float64"})
+
+    def is_available(self):
+        try:
+            _kernels()
+        except Exception as exc:  # noqa: BLE001 - any import failure means unavailable
+            return False, (f"the compiled extension fastbn._kernels._bn_omp failed to import "
+                           f"({type(exc).__name__}: {exc}); reinstall fastbn with a C compiler")
+        return True, ""
+
+    def stats(self, x3):
+        return _kernels().stats(_bits(x3), get_num_threads())
+
+    def normalize(self, x3, mean, scale, shift, y3):
+        _kernels().normalize(_bits(x3), mean, scale, shift, _bits(y3), get_num_threads())
+
+    def backward_reduce(self, dy3, x3, mean):
+        return _kernels().backward_reduce(_bits(dy3), _bits(x3), mean, get_num_threads())
+
+    def backward_elemt(self, dy3, x3, mean, k_dy, k_x, k_c, dx3):
+        _kernels().backward_elemt(_bits(dy3), _bits(x3), mean, k_dy, k_x, k_c, _bits(dx3),
+                                  get_num_threads())
+
+    def forward_train(self, x3, weight, bias, eps, y3):
+        return _kernels().forward_train(_bits(x3), weight, bias, float(eps), _bits(y3),
+                                        get_num_threads())
+
+    def backward_train(self, dy3, x3, mean, invstd, weight, dx3):
+        return _kernels().backward_train(_bits(dy3), _bits(x3), mean, invstd, weight,
+                                         _bits(dx3), get_num_threads())
+
+
+backend = CythonBackend()
