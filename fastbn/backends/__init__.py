@@ -8,8 +8,9 @@ Third-party backends register through the ``fastbn.backends`` entry-point group.
 adapter as ``from fastbn.backends import numpy_ref``.)
 """
 from .._registry import register_backend
-from . import cupy_gpu, cython_omp, numpy_ref
+from . import cupy_gpu, cython_omp, numba_cpu, numpy_ref
 
 register_backend(numpy_ref.backend)
 register_backend(cython_omp.backend)
+register_backend(numba_cpu.backend)
 register_backend(cupy_gpu.backend)
