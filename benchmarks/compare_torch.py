@@ -128,6 +128,8 @@ def make_contenders(K, be, layout, x, dy, y, dx, threads, torch_mod, fastbn_api)
         "read": (None, lambda: K.stream_read(flat_x, threads)),
         "read dy": (None, lambda: K.stream_read(flat_dy, threads)),
         "copy": (None, lambda: K.stream_copy(flat_x, flat_y, threads)),
+        # a fresh output costs page faults on first touch: the allocating path's own floor
+        "alloc+touch": (None, lambda: np.empty_like(x).fill(0)),
         "stats": (None, lambda: be.stats(x3)),
         "fwd fused/auto": (None, lambda: be.forward_train(x3, w, b, EPS, y3)),
         "fwd 2-kernel": (None, fwd_two_kernel),
@@ -243,7 +245,7 @@ GOALS = {  # kernel: (floor expression, goal for S/M NCHW, goal otherwise)
     "stats": ("read", 1.10, 1.10),
     "fwd fused/auto": ("read+copy", 0.90, 1.00),
     "fwd 2-kernel": ("read+copy", None, None),
-    "fwd api alloc": ("read+copy", None, None),
+    "fwd api alloc": ("alloc+read+copy", 1.00, 1.00),
     "infer": ("copy", 1.05, 1.05),
     "bwd fused/auto": ("2read+copy", 1.10, 1.10),
     "bwd 2-kernel": ("2read+copy", None, None),
@@ -252,14 +254,15 @@ GOALS = {  # kernel: (floor expression, goal for S/M NCHW, goal otherwise)
 
 def floor_of(expr, t):
     return {"read": t["read"], "copy": t["copy"], "read+copy": t["read"] + t["copy"],
-            "2read+copy": t["read"] + t["read dy"] + t["copy"]}[expr]
+            "2read+copy": t["read"] + t["read dy"] + t["copy"],
+            "alloc+read+copy": t["alloc+touch"] + t["read"] + t["copy"]}[expr]
 
 
 def report_one(sname, layout, nbytes, t):
     gbs = nbytes / t["read"] / 1e9
     print(f"\n{sname} {layout} ({nbytes / 2**20:.0f} MiB): read {t['read'] * 1e3:.2f} ms "
           f"({gbs:.1f} GB/s), copy {t['copy'] * 1e3:.2f} ms")
-    print(f"  {'kernel':16s} {'ms':>8s} {'floor':>11s} {'ratio':>6s} {'goal':>6s}")
+    print(f"  {'kernel':16s} {'ms':>8s} {'floor':>15s} {'ratio':>6s} {'goal':>6s}")
     for k, (expr, g_small, g_big) in GOALS.items():
         if k not in t:
             continue
@@ -267,7 +270,7 @@ def report_one(sname, layout, nbytes, t):
         r = t[k] / floor_of(expr, t)
         mark = "" if goal is None else ("  ok" if r <= goal else "  MISSED")
         gtxt = "" if goal is None else f"<={goal:.2f}"
-        print(f"  {k:16s} {t[k] * 1e3:8.2f} {expr:>11s} {r:6.2f} {gtxt:>6s}{mark}")
+        print(f"  {k:16s} {t[k] * 1e3:8.2f} {expr:>15s} {r:6.2f} {gtxt:>6s}{mark}")
     if "torch fwd" in t:
         fgoal = 4.0 if layout == "NCHW" else 2.0
         sp = t["torch fwd"] / t["fwd fused/auto"]
@@ -282,13 +285,14 @@ def report_one(sname, layout, nbytes, t):
 
 
 def summary(rows):
-    cols = ["stats", "fwd fused/auto", "fwd 2-kernel", "infer", "bwd fused/auto",
-            "bwd 2-kernel"]
+    cols = ["stats", "fwd fused/auto", "fwd 2-kernel", "fwd api alloc", "infer",
+            "bwd fused/auto", "bwd 2-kernel"]
     head = f"{'shape':9s}" + "".join(f"{c:>15s}" for c in cols)
     extra = any("torch fwd" in t for *_, t in rows)
     if extra:
         head += f"{'vs torch fwd':>14s}{'vs torch bwd':>14s}"
-    print("ratios to floors (stats/read, fwd/(read+copy), infer/copy, bwd/(2 reads+copy))")
+    print("ratios to floors (stats/read, fwd/(read+copy), fwd api alloc/(alloc+touch+read+copy), "
+          "infer/copy, bwd/(2 reads+copy))")
     print(head)
     for sname, layout, _, t in rows:
         line = f"{sname + ' ' + layout:9s}"

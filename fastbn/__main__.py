@@ -38,8 +38,9 @@ def _parser():
     bench.add_argument("--op", action="append",
                        choices=["forward-training", "forward-training-out", "inference",
                                 "backward"],
-                       help="only this operation (repeatable; default forward-training, "
-                            "inference, backward)")
+                       help="only this operation (repeatable; default all: forward-training "
+                            "allocates its output, forward-training-out writes into a "
+                            "preallocated, touched out=)")
     bench.add_argument("--threads", type=int, help="threads for every contender "
                                                    "(default: fastbn.get_num_threads())")
     bench.add_argument("--repeats", type=int, default=7, help="timed rounds per case (median)")
@@ -55,7 +56,7 @@ def _bench(args):
     from ._threads import get_num_threads
     layouts = args.layout or ["NCHW", "NHWC", "NC"]
     dtypes = args.dtype or ["float32"]
-    ops = args.op or ["forward-training", "inference", "backward"]
+    ops = args.op or list(bench.OPS)
     cases = []
     for layout in layouts:
         shape = bench.DEFAULT_SHAPES[layout]

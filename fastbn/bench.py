@@ -375,7 +375,7 @@ def plot(results, path):
     cases = list(dict.fromkeys((r["op"], r["layout"], r["dtype"]) for r in rows))
     contenders = list(dict.fromkeys(r["contender"] for r in rows))
     ratio = {(r["op"], r["layout"], r["dtype"], r["contender"]): r["floor_ratio"] for r in rows}
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cases)), 5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.2 * len(cases) + 2), 5))
     width = 0.8 / max(1, len(contenders))
     for k, name in enumerate(contenders):
         xs = [i + k * width for i in range(len(cases))]
@@ -393,7 +393,7 @@ def plot(results, path):
     ax.tick_params(axis="y", which="minor", labelsize=7)
     threads = rows[0]["threads"] if rows else "?"
     ax.set_title(f"fastbn {__version__}: batch norm vs the memory floor ({threads} threads)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -62,7 +62,7 @@ def test_cli_bench_smoke(tmp_path):
     assert "x floor" in out and "numpy-naive" in out
     results = json.loads(path.read_text())["results"]
     assert {r["contender"] for r in results} == {"numpy", "numpy-naive"}
-    assert len(results) == 2 * 3 * 3  # contenders x layouts x operations
+    assert len(results) == 2 * 3 * 4  # contenders x layouts x operations
     assert all(r["floor_ratio"] > 0 and r["threads"] >= 1 for r in results)
 
 
