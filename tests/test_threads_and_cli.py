@@ -63,7 +63,12 @@ def test_cli_bench_smoke(tmp_path):
     results = json.loads(path.read_text())["results"]
     assert {r["contender"] for r in results} == {"numpy", "numpy-naive"}
     assert len(results) == 2 * 3 * 4  # contenders x layouts x operations
-    assert all(r["floor_ratio"] > 0 and r["threads"] >= 1 for r in results)
+    ran = [r for r in results if "skipped" not in r]
+    assert all(r["floor_ratio"] > 0 and r["threads"] >= 1 for r in ran)
+    skipped = [r for r in results if "skipped" in r]  # numpy-naive has no out= path
+    assert {(r["contender"], r["op"]) for r in skipped} == {("numpy-naive",
+                                                            "forward-training-out")}
+    assert all("allocates" in r["skipped"] for r in skipped)
 
 
 def test_cli_bench_rejects_unknown_backend(tmp_path):
