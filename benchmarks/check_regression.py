@@ -14,26 +14,31 @@ import json
 import sys
 
 
-def load_ratios(path):
-    """{benchmark key: floor ratio} from either JSON format."""
+def load_ratios(path, field="floor_ratio", contenders=None):
+    """{benchmark key: floor ratio} from either JSON format, optionally of some contenders."""
     with open(path) as f:
         data = json.load(f)
     ratios = {}
     if "benchmarks" in data:  # pytest-benchmark
         for b in data["benchmarks"]:
-            ratio = b.get("extra_info", {}).get("floor_ratio")
+            info = b.get("extra_info", {})
+            ratio = info.get(field)
+            if contenders and info.get("contender") not in contenders:
+                continue
             if ratio is not None:
                 ratios[b["fullname"]] = float(ratio)
     elif "results" in data:  # python -m fastbn bench --json
         for r in data["results"]:
-            if "floor_ratio" in r:
+            if contenders and r.get("contender") not in contenders:
+                continue
+            if field in r:
                 key = (f"{r['contender']} {r['op']} {r['layout']} "
                        f"{'x'.join(map(str, r['shape']))} {r['dtype']}")
-                ratios[key] = float(r["floor_ratio"])
+                ratios[key] = float(r[field])
     else:
         raise ValueError(f"{path}: neither a pytest-benchmark nor a fastbn bench JSON file")
     if not ratios:
-        raise ValueError(f"{path}: no benchmark carries a floor_ratio")
+        raise ValueError(f"{path}: no benchmark carries a {field}")
     return ratios
 
 
@@ -52,9 +57,16 @@ def main(argv=None):
     parser.add_argument("new", help="JSON of the run to check")
     parser.add_argument("--max-increase", type=float, default=10.0, metavar="PERCENT",
                         help="largest allowed growth of a floor ratio (default 10)")
+    parser.add_argument("--field", default="floor_ratio",
+                        help="the extra_info ratio to compare: floor_ratio (medians, default) "
+                             "or floor_ratio_min (minima: steadier where other processes "
+                             "preempt the benchmark)")
+    parser.add_argument("--contender", action="append", metavar="NAME",
+                        help="only this contender's benchmarks (repeatable), e.g. cython")
     args = parser.parse_args(argv)
     try:
-        old, new = load_ratios(args.old), load_ratios(args.new)
+        old = load_ratios(args.old, args.field, args.contender)
+        new = load_ratios(args.new, args.field, args.contender)
     except (OSError, ValueError, KeyError) as exc:
         print(f"check_regression: {exc}", file=sys.stderr)
         return 2

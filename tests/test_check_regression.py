@@ -68,3 +68,15 @@ def test_unusable_files_exit_2(tmp_path):
     assert result.returncode == 2 and "neither" in result.stderr
     result = run(tmp_path, pytest_benchmark_json({"a": 1.0}), pytest_benchmark_json({"b": 1.0}))
     assert result.returncode == 2 and "share no benchmark" in result.stderr
+
+
+def test_contender_filter(tmp_path):
+    def with_contenders(ratios):
+        data = pytest_benchmark_json(ratios)
+        for b in data["benchmarks"]:
+            b["extra_info"]["contender"] = b["name"].split("[")[1].split("-")[0]
+        return data
+    doctored = dict(BASE, **{"torch-NCHW": 4.1 * 2})  # a peer slowed down, not fastbn
+    old, new = with_contenders(BASE), with_contenders(doctored)
+    assert run(tmp_path, old, new).returncode == 1
+    assert run(tmp_path, old, new, "--contender", "cython").returncode == 0
