@@ -11,7 +11,7 @@ import pytest
 
 import fastbn
 from fastbn._validate import STAT_DTYPE
-from fastbn.testing import assert_close, direct_forward, to_numpy
+from fastbn.testing import assert_close, direct_forward, mean_rounding, to_numpy
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed")
 st = hypothesis.strategies
@@ -93,13 +93,18 @@ def test_backend_matches_reference(backend, on_device, case):
     got = run(backend, on_device, case, *data)
     want = run("numpy", lambda a: a, case, *data)
     dtype, stat = case["dtype"], STAT_DTYPE[case["dtype"]]
+    # backends may round the float64 mean to float32 differently (the reference
+    # rounds it, the compiled kernels fold the rounding into the shift)
+    condition = mean_rounding(want["mean"], want["invstd"])
     for key, value in got.items():
         if value is None:
             assert want[key] is None
             continue
         assert value.shape == want[key].shape and value.dtype == want[key].dtype
-        assert_close(value, want[key], dtype if key in ("y", "dx") else stat, err_msg=key)
+        elementwise = key in ("y", "dx")
+        assert_close(value, want[key], dtype if elementwise else stat, err_msg=key,
+                     condition=condition if elementwise else 0.0)
     if case["training"]:  # and the reference itself against the formula
         x, _, weight, bias, _ = data
         assert_close(want["y"], direct_forward(x, weight, bias, case["eps"], case["axis"])[0],
-                     dtype, err_msg="reference y vs formula")
+                     dtype, err_msg="reference y vs formula", condition=condition)
