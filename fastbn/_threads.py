@@ -1,8 +1,10 @@
 """Thread-count control shared by the CPU backends.
 
 One number, resolved in this order: the innermost ``num_threads(n)`` context of
-the calling thread/task, then ``set_num_threads(n)``, then ``OMP_NUM_THREADS``,
-then the CPUs this process may run on.
+the calling thread/task, then ``set_num_threads(n)``, then OpenMP's own default
+for the compiled kernels (``omp_get_max_threads()``: ``OMP_NUM_THREADS``, or a
+``threadpoolctl.threadpool_limits`` in force), then ``OMP_NUM_THREADS`` and the
+CPUs this process may run on when the extension has no OpenMP.
 """
 import contextlib
 import contextvars
@@ -12,7 +14,19 @@ _scoped = contextvars.ContextVar("fastbn_num_threads", default=None)
 _global = None
 
 
+def _openmp_default():
+    """omp_get_max_threads of the compiled kernels, or None without OpenMP."""
+    try:
+        from ._kernels._bn_omp import openmp_enabled, openmp_max_threads
+    except ImportError:
+        return None
+    return openmp_max_threads() if openmp_enabled() else None
+
+
 def _default_num_threads():
+    n = _openmp_default()
+    if n is not None:
+        return n
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return int(env)

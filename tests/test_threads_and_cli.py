@@ -8,10 +8,17 @@ import pytest
 import fastbn
 
 
-def test_num_threads_scoping(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+def test_omp_num_threads_sets_the_default(tmp_path):
+    """Read at start-up, as OpenMP runtimes do."""
+    import os
+    out = subprocess.run([sys.executable, "-c", "import fastbn; print(fastbn.get_num_threads())"],
+                         capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env=dict(os.environ, OMP_NUM_THREADS="3")).stdout
+    assert out.strip() == "3"
+
+
+def test_num_threads_scoping():
     fastbn.set_num_threads(None)
-    assert fastbn.get_num_threads() == 3
     try:
         fastbn.set_num_threads(2)
         assert fastbn.get_num_threads() == 2
@@ -75,3 +82,14 @@ def test_cli_bench_rejects_unknown_backend(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fastbn", "bench", "--backend", "nope"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and "nope" in result.stderr
+
+
+def test_threadpoolctl_limits_reach_the_default():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not fastbn.show_config("dicts")["extension"]["openmp"]:
+        pytest.skip("the extension was built without OpenMP")
+    fastbn.set_num_threads(None)
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        assert fastbn.get_num_threads() == 1
+    with fastbn.num_threads(2), threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        assert fastbn.get_num_threads() == 2  # an explicit count still wins
