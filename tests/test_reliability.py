@@ -1,5 +1,6 @@
 """NaN/inf policy, numerical stress and concurrency, for every backend."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -109,3 +110,34 @@ def test_eight_threads_get_single_threaded_results(backend, on_device):
         t.join()
     assert not errors, errors
     assert all(r is not None for r in results)
+
+
+def test_compiled_kernels_release_the_gil(backend):
+    """While one thread runs a kernel, another thread's Python code keeps running."""
+    info = fastbn.get_backend(backend)
+    if backend == "numpy" or "cpu" not in info.devices:
+        pytest.skip("checks the compiled CPU kernels (nogil); NumPy's own loops are NumPy's")
+    x = np.random.default_rng(5).standard_normal((16, 16, 256, 256), dtype=np.float32)
+    fastbn.batch_norm_forward(x[:2], backend=backend)  # compile/warm up first
+    ticks, stop = [0], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks[0] += 1
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        t0, before = time.perf_counter(), ticks[0]
+        time.sleep(0.05)
+        idle_rate = (ticks[0] - before) / (time.perf_counter() - t0)
+        with fastbn.num_threads(1):  # leave the other core to the spinner
+            t0, before = time.perf_counter(), ticks[0]
+            for _ in range(3):
+                fastbn.batch_norm_forward(x, backend=backend)
+            kernel_rate = (ticks[0] - before) / (time.perf_counter() - t0)
+    finally:
+        stop.set()
+        spinner.join()
+    # holding the GIL for the whole kernel would leave the spinner at ~0 ticks
+    assert kernel_rate > 0.2 * idle_rate, (kernel_rate, idle_rate)
