@@ -61,6 +61,28 @@ cdef extern from "_bn_simd.h" nogil:
     void fbn_h2f(const uint16_t *h, float *f, Py_ssize_t n)
     float fbn_half_to_float(uint16_t h)
     void fbn_store_half(uint16_t *dst, const float *src, Py_ssize_t n, int stream)
+    int fbn_f16c_get()
+    double fbn_sum_h16(const uint16_t *x, Py_ssize_t n, const uint16_t *pf)
+    void fbn_shifted_sums_h16(const uint16_t *x, Py_ssize_t n, float k, double *s1, double *s2,
+                              const uint16_t *pf)
+    void fbn_dot_xmu_h16(const uint16_t *dy, const uint16_t *x, Py_ssize_t n, float m,
+                         double *sdy, double *sdyxmu, Py_ssize_t pf)
+    void fbn_rows_stats_wide_h16(const uint16_t *x, Py_ssize_t ld, Py_ssize_t R, Py_ssize_t w,
+                                 double n_old, float *k, double *anchor, double *off,
+                                 double *m2, Py_ssize_t pfd, const uint16_t *pf_end)
+    void fbn_rows_dot_wide_h16(const uint16_t *dy, const uint16_t *x, Py_ssize_t ld,
+                               Py_ssize_t R, Py_ssize_t w, const float *m, double *sdy,
+                               double *sdyxmu, Py_ssize_t pfd, const uint16_t *pf_end)
+    int fbn_affine_h16(const uint16_t *x, uint16_t *y, Py_ssize_t n, float m, float s,
+                       float b, int stream)
+    int fbn_elemt_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx, Py_ssize_t n,
+                      float m, float kdy, float kx, float kc, int stream)
+    int fbn_rows_affine_h16(const uint16_t *x, uint16_t *y, Py_ssize_t n, Py_ssize_t c0,
+                            Py_ssize_t P, const float *m, const float *s, const float *b,
+                            int stream)
+    int fbn_rows_elemt_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx, Py_ssize_t n,
+                           Py_ssize_t c0, Py_ssize_t P, const float *m, const float *kdy,
+                           const float *kx, const float *kc, int stream)
 
     double fbn_sum_f32(const float *x, Py_ssize_t n, const float *pf)
     double fbn_sum_f64(const double *x, Py_ssize_t n, const double *pf)
@@ -247,6 +269,14 @@ cdef inline void _stats_run(const data_t *x, Py_ssize_t n, double *cnt, double *
             else:
                 k = K[0] + S1[0] / cnt[0]
             fbn_shifted_sums_f64(x + i, nt, k, &s1, &s2, x + i + pf if pf else NULL)
+        elif data_t is uint16_t and fbn_f16c_get():
+            # F16C: halves converted in registers, as the float32 loops on a tile
+            if cnt[0] == 0:
+                kf = <float>(fbn_sum_h16(x + i, nt, NULL) / nt)
+            else:
+                kf = <float>(K[0] + S1[0] / cnt[0])
+            fbn_shifted_sums_h16(x + i, nt, kf, &s1, &s2, x + i + pf if pf else NULL)
+            k = kf
         else:
             if data_t is float:
                 xf = x + i
@@ -278,6 +308,8 @@ cdef inline void _dot_run(const data_t *dy, const data_t *x, Py_ssize_t n, doubl
             fbn_dot_xmu_f64(dy + i, x + i, nt, m, &a, &b, pf)
         elif data_t is float:
             fbn_dot_xmu_f32(dy + i, x + i, nt, <float>m, &a, &b, pf)
+        elif fbn_f16c_get():
+            fbn_dot_xmu_h16(dy + i, x + i, nt, <float>m, &a, &b, pf)
         else:
             fbn_h2f(dy + i, scratch, nt)
             fbn_h2f(x + i, scratch + TILE, nt)
@@ -295,7 +327,7 @@ cdef inline void _affine_run(const data_t *x, data_t *y, Py_ssize_t n, double m,
         fbn_affine_out_f64(x, y, n, m, s, b, stream)
     elif data_t is float:
         fbn_affine_out_f32(x, y, n, <float>m, <float>s, <float>b, stream)
-    else:
+    elif not fbn_affine_h16(x, y, n, <float>m, <float>s, <float>b, stream):
         while i < n:
             nt = TILE if n - i > TILE else n - i
             fbn_h2f(x + i, scratch, nt)
@@ -313,7 +345,7 @@ cdef inline void _elemt_run(const data_t *dy, const data_t *x, data_t *dx, Py_ss
         fbn_elemt_out_f64(dy, x, dx, n, m, kdy, kx, kc, stream)
     elif data_t is float:
         fbn_elemt_out_f32(dy, x, dx, n, <float>m, <float>kdy, <float>kx, <float>kc, stream)
-    else:
+    elif not fbn_elemt_h16(dy, x, dx, n, <float>m, <float>kdy, <float>kx, <float>kc, stream):
         while i < n:
             nt = TILE if n - i > TILE else n - i
             fbn_h2f(dy + i, scratch, nt)
@@ -411,10 +443,13 @@ cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ss
     for c in range(c0, c1):
         st[C + c] = 0
     for i in range(r0, r0 + rt):
-        for c in range(c0, c1):
-            if data_t is uint16_t:
-                st[C + c] += fbn_half_to_float(x[i * C + c])
-            else:
+        if data_t is uint16_t:
+            # a row converted at once (scratch holds R*C floats), summed in order
+            fbn_h2f(x + i * C + c0, scratch, c1 - c0)
+            for c in range(c0, c1):
+                st[C + c] += scratch[c - c0]
+        else:
+            for c in range(c0, c1):
                 st[C + c] += x[i * C + c]
     for c in range(c0, c1):
         if data_t is double:
@@ -428,6 +463,15 @@ cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ss
             while cb < c1:
                 w = FBN_WIDE if c1 - cb > FBN_WIDE else c1 - cb
                 fbn_rows_stats_wide_f64(x + r * C + cb, C, rt, w, n_old, kd + cb,
+                                        st + C + cb, st + 2 * C + cb, st + 3 * C + cb,
+                                        pfd, x + r1 * C)
+                cb += w
+        elif data_t is uint16_t and fbn_f16c_get():
+            # F16C: halves converted in registers, no float32 tile
+            cb = c0
+            while cb < c1:
+                w = FBN_WIDE if c1 - cb > FBN_WIDE else c1 - cb
+                fbn_rows_stats_wide_h16(x + r * C + cb, C, rt, w, n_old, kf + cb,
                                         st + C + cb, st + 2 * C + cb, st + 3 * C + cb,
                                         pfd, x + r1 * C)
                 cb += w
@@ -479,6 +523,14 @@ cdef void _rows_dot_range(const data_t *dy, const data_t *x, Py_ssize_t r0, Py_s
                                       <const double *>(mean + cb), sdy + cb, sdyxmu + cb,
                                       pfd, x + r1 * C)
                 cb += w
+        elif data_t is uint16_t and fbn_f16c_get():
+            cb = c0
+            while cb < c1:
+                w = FBN_WIDE if c1 - cb > FBN_WIDE else c1 - cb
+                fbn_rows_dot_wide_h16(dy + r * C + cb, x + r * C + cb, C, rt, w,
+                                      <const float *>(mean + cb), sdy + cb, sdyxmu + cb,
+                                      pfd, x + r1 * C)
+                cb += w
         else:
             if data_t is float:
                 gf = dy + r * C + c0
@@ -517,7 +569,8 @@ cdef void _rows_affine_range(const data_t *x, data_t *y, Py_ssize_t lo, Py_ssize
     elif data_t is float:
         fbn_rows_affine_out_f32(x + lo, y + lo, hi - lo, lo % P, P, <const float *>m,
                                 <const float *>s, <const float *>b, stream)
-    else:
+    elif not fbn_rows_affine_h16(x + lo, y + lo, hi - lo, lo % P, P, <const float *>m,
+                                 <const float *>s, <const float *>b, stream):
         while i < hi:
             nt = TILE if hi - i > TILE else hi - i
             fbn_h2f(x + i, scratch, nt)
@@ -542,7 +595,9 @@ cdef void _rows_elemt_range(const data_t *dy, const data_t *x, data_t *dx, Py_ss
         fbn_rows_elemt_out_f32(dy + lo, x + lo, dx + lo, hi - lo, lo % P, P,
                                <const float *>m, <const float *>kdy, <const float *>kx,
                                <const float *>kc, stream)
-    else:
+    elif not fbn_rows_elemt_h16(dy + lo, x + lo, dx + lo, hi - lo, lo % P, P,
+                                <const float *>m, <const float *>kdy, <const float *>kx,
+                                <const float *>kc, stream):
         while i < hi:
             nt = TILE if hi - i > TILE else hi - i
             fbn_h2f(dy + i, scratch, nt)

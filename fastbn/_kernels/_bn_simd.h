@@ -9,7 +9,9 @@
  *
  * The float and double versions of each loop are instantiated from
  * _bn_simd_t.h (included twice below); float16 data is converted to float32
- * on the way in and rounded back (round-to-nearest-even) on the way out.
+ * on the way in and rounded back (round-to-nearest-even) on the way out: in
+ * software on the baseline, with F16C (vcvtph2ps / vcvtps2ph, chosen at run
+ * time with the AVX2 loops) in registers otherwise, bit-identical either way.
  */
 #ifndef FASTBN_BN_SIMD_H
 #define FASTBN_BN_SIMD_H
@@ -242,14 +244,14 @@ static inline uint16_t fbn_float_to_half(float x)
     return (uint16_t)(o | (sign >> 16));
 }
 
-static inline void fbn_h2f(const uint16_t *h, float *f, Py_ssize_t n)
+static inline void fbn_h2f_base(const uint16_t *h, float *f, Py_ssize_t n)
 {
     Py_ssize_t i;
     for (i = 0; i < n; i++)
         f[i] = fbn_half_to_float(h[i]);
 }
 
-static inline void fbn_f2h(const float *f, uint16_t *h, Py_ssize_t n)
+static inline void fbn_f2h_base(const float *f, uint16_t *h, Py_ssize_t n)
 {
     Py_ssize_t i;
     for (i = 0; i < n; i++)
@@ -257,17 +259,17 @@ static inline void fbn_f2h(const float *f, uint16_t *h, Py_ssize_t n)
 }
 
 /* Store n float results as float16 at dst (streaming when asked). */
-static inline void fbn_store_half(uint16_t *dst, const float *src, Py_ssize_t n, int stream)
+static inline void fbn_store_half_base(uint16_t *dst, const float *src, Py_ssize_t n, int stream)
 {
     uint16_t tmp[FBN_STAGE];
     Py_ssize_t i, len;
     if (!stream) {
-        fbn_f2h(src, dst, n);
+        fbn_f2h_base(src, dst, n);
         return;
     }
     for (i = 0; i < n; i += len) {
         len = n - i < FBN_STAGE ? n - i : FBN_STAGE;
-        fbn_f2h(src + i, tmp, len);
+        fbn_f2h_base(src + i, tmp, len);
         fbn_stream_bytes(dst + i, tmp, (size_t)len * sizeof(uint16_t));
     }
 }
@@ -288,6 +290,7 @@ static inline void fbn_store_half(uint16_t *dst, const float *src, Py_ssize_t n,
 #endif
 
 static int fbn_avx2 = 0;   /* 1: run the AVX2+FMA instantiation */
+static int fbn_f16c = 0;   /* 1: float16 <-> float32 with F16C (only with fbn_avx2) */
 
 /* Pick the instruction set: the best the CPU (and OS) supports, capped by
  * `level` (0 = baseline, 1 = AVX2+FMA allowed). Returns the level in use. */
@@ -296,9 +299,11 @@ static inline int fbn_simd_init(int level)
 #if FBN_AVX2_DISPATCH
     __builtin_cpu_init();
     fbn_avx2 = level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    fbn_f16c = fbn_avx2 && __builtin_cpu_supports("f16c");
 #else
     (void)level;
     fbn_avx2 = 0;
+    fbn_f16c = 0;
 #endif
     return fbn_avx2;
 }
@@ -306,6 +311,307 @@ static inline int fbn_simd_init(int level)
 static inline int fbn_simd_get(void)
 {
     return fbn_avx2;
+}
+
+/* ---- float16 <-> float32 with F16C (vcvtph2ps / vcvtps2ph), dispatched ----
+ *
+ * Chosen at run time with the AVX2 loops (every AVX2 CPU has F16C, but its
+ * cpuid bit is checked too). Bit-identical to the software conversions above:
+ * half -> float is exact either way, float -> half rounds to nearest even
+ * (immediate rounding mode, MXCSR not consulted), overflows to inf; a NaN
+ * result is made the software's canonical quiet NaN 0x7e00 (sign kept) rather
+ * than vcvtps2ph's truncated payload. Tails of < 8 go through the software. */
+#if FBN_AVX2_DISPATCH
+#define FBN_F16C_FN static inline __attribute__((target("avx2,fma,f16c")))
+#define FBN_F16C_RN (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
+FBN_F16C_FN void fbn_h2f_f16c(const uint16_t *h, float *f, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(h + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(h + i + 8));
+        __m128i c = _mm_loadu_si128((const __m128i *)(h + i + 16));
+        __m128i d = _mm_loadu_si128((const __m128i *)(h + i + 24));
+        _mm256_storeu_ps(f + i, _mm256_cvtph_ps(a));
+        _mm256_storeu_ps(f + i + 8, _mm256_cvtph_ps(b));
+        _mm256_storeu_ps(f + i + 16, _mm256_cvtph_ps(c));
+        _mm256_storeu_ps(f + i + 24, _mm256_cvtph_ps(d));
+    }
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++)
+        f[i] = fbn_half_to_float(h[i]);
+}
+
+/* 8 floats -> 8 halves, round to nearest even, NaN -> 0x7e00 | sign. */
+FBN_F16C_FN __m128i fbn_cvt8_f16c(__m256 v)
+{
+    __m128i h = _mm256_cvtps_ph(v, FBN_F16C_RN);
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    if (__builtin_expect(!_mm256_testz_ps(nan, nan), 0)) {
+        __m256i mi = _mm256_castps_si256(nan);
+        __m128i m = _mm_packs_epi32(_mm256_castsi256_si128(mi), _mm256_extracti128_si256(mi, 1));
+        __m128i q = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16((short)0x8000)),
+                                 _mm_set1_epi16(0x7e00));
+        h = _mm_or_si128(_mm_andnot_si128(m, h), _mm_and_si128(m, q));
+    }
+    return h;
+}
+
+FBN_F16C_FN void fbn_f2h_f16c(const float *f, uint16_t *h, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m128i a = fbn_cvt8_f16c(_mm256_loadu_ps(f + i));
+        __m128i b = fbn_cvt8_f16c(_mm256_loadu_ps(f + i + 8));
+        _mm_storeu_si128((__m128i *)(h + i), a);
+        _mm_storeu_si128((__m128i *)(h + i + 8), b);
+    }
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), fbn_cvt8_f16c(_mm256_loadu_ps(f + i)));
+    for (; i < n; i++)
+        h[i] = fbn_float_to_half(f[i]);
+}
+
+/* As fbn_store_half_base, streaming 16-byte vectors straight from registers. */
+FBN_F16C_FN void fbn_store_half_f16c(uint16_t *dst, const float *src, Py_ssize_t n, int stream)
+{
+    Py_ssize_t i = 0, head;
+    if (!stream) {
+        fbn_f2h_f16c(src, dst, n);
+        return;
+    }
+    if (((uintptr_t)dst & 1) != 0) {   /* never for a uint16 array; keep it correct anyway */
+        fbn_store_half_base(dst, src, n, stream);
+        return;
+    }
+    head = (Py_ssize_t)(((16 - ((uintptr_t)dst & 15)) & 15) / sizeof(uint16_t));
+    if (head > n)
+        head = n;
+    for (; i < head; i++)
+        dst[i] = fbn_float_to_half(src[i]);
+    for (; i + 16 <= n; i += 16) {
+        __m128i a = fbn_cvt8_f16c(_mm256_loadu_ps(src + i));
+        __m128i b = fbn_cvt8_f16c(_mm256_loadu_ps(src + i + 8));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 8), b);
+    }
+    for (; i + 8 <= n; i += 8)
+        _mm_stream_si128((__m128i *)(dst + i), fbn_cvt8_f16c(_mm256_loadu_ps(src + i)));
+    for (; i < n; i++)
+        dst[i] = fbn_float_to_half(src[i]);
+}
+
+
+/* Fused float16 element-wise loops (F16C): convert 8 halves in registers, the
+ * same float32 arithmetic as the AVX2+FMA loops of _bn_simd_t.h, convert back;
+ * streaming 16-byte stores when asked. The FMAs are spelled out: gcc contracts
+ * (x - m)*s + b and kdy*dy + (kx*(x - m) + kc) in those loops to
+ * fma(x - m, s, b) and fma(kdy, dy, fma(kx, x - m, kc)), but would not
+ * contract the outer add in the scalar form here; spelled out, the results are
+ * bit-identical to converting a float32 tile, running fbn_affine_f32 etc. on
+ * it and rounding back. */
+typedef float fbn_v8f __attribute__((vector_size(32)));
+typedef float fbn_v8fu __attribute__((vector_size(32), aligned(4), may_alias));
+#define FBN_H8(p) ((fbn_v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define FBN_F8(p) (*(const fbn_v8fu *)(p))
+#define FBN_HST(p, v, stream)                                               \
+    do {                                                                    \
+        __m128i h_ = fbn_cvt8_f16c((__m256)(v));                            \
+        if (stream)                                                         \
+            _mm_stream_si128((__m128i *)(p), h_);                           \
+        else                                                                \
+            _mm_storeu_si128((__m128i *)(p), h_);                           \
+    } while (0)
+#define FBN_HF(i) fbn_half_to_float(i)
+
+/* Elements before dst + i is 16-byte aligned (all of them if dst is odd). */
+static inline Py_ssize_t fbn_half_head(const uint16_t *dst, Py_ssize_t n, int stream)
+{
+    Py_ssize_t head;
+    if (!stream)
+        return 0;
+    if (((uintptr_t)dst & 1) != 0)
+        return n;
+    head = (Py_ssize_t)(((16 - ((uintptr_t)dst & 15)) & 15) / sizeof(uint16_t));
+    return head > n ? n : head;
+}
+
+FBN_F16C_FN void fbn_affine_h16_f16c(const uint16_t *x, uint16_t *y, Py_ssize_t n, float m,
+                                     float s, float b, int stream)
+{
+    Py_ssize_t i = 0, head = fbn_half_head(y, n, stream);
+    fbn_v8f mv = {0}, sv = {0}, bv = {0};
+    mv += m;
+    sv += s;
+    bv += b;
+    for (; i < head; i++)
+        y[i] = fbn_float_to_half(__builtin_fmaf(FBN_HF(x[i]) - m, s, b));
+    for (; i + 8 <= n; i += 8)
+        FBN_HST(y + i, _mm256_fmadd_ps(FBN_H8(x + i) - mv, sv, bv), stream);
+    for (; i < n; i++)
+        y[i] = fbn_float_to_half(__builtin_fmaf(FBN_HF(x[i]) - m, s, b));
+}
+
+FBN_F16C_FN void fbn_elemt_h16_f16c(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                    Py_ssize_t n, float m, float kdy, float kx, float kc,
+                                    int stream)
+{
+    Py_ssize_t i = 0, head = fbn_half_head(dx, n, stream);
+    fbn_v8f mv = {0}, av = {0}, bv = {0}, cv = {0};
+    mv += m;
+    av += kdy;
+    bv += kx;
+    cv += kc;
+    for (; i < head; i++)
+        dx[i] = fbn_float_to_half(__builtin_fmaf(kdy, FBN_HF(dy[i]), __builtin_fmaf(kx, FBN_HF(x[i]) - m, kc)));
+    for (; i + 8 <= n; i += 8)
+        FBN_HST(dx + i, _mm256_fmadd_ps(av, FBN_H8(dy + i), _mm256_fmadd_ps(bv, FBN_H8(x + i) - mv, cv)), stream);
+    for (; i < n; i++)
+        dx[i] = fbn_float_to_half(__builtin_fmaf(kdy, FBN_HF(dy[i]), __builtin_fmaf(kx, FBN_HF(x[i]) - m, kc)));
+}
+
+/* Rows forms: constants tiled to period P (see fbn_rows_affine in _bn_simd_t.h). */
+FBN_F16C_FN void fbn_rows_affine_h16_f16c(const uint16_t *x, uint16_t *y, Py_ssize_t n,
+                                          Py_ssize_t c0, Py_ssize_t P, const float *m,
+                                          const float *s, const float *b, int stream)
+{
+    Py_ssize_t i = 0, c = c0, head = fbn_half_head(y, n, stream);
+    for (; i < head; i++) {
+        y[i] = fbn_float_to_half(__builtin_fmaf(FBN_HF(x[i]) - m[c], s[c], b[c]));
+        if (++c == P)
+            c = 0;
+    }
+    for (; i + 8 <= n; i += 8) {
+        FBN_HST(y + i, _mm256_fmadd_ps(FBN_H8(x + i) - FBN_F8(m + c), FBN_F8(s + c), FBN_F8(b + c)), stream);
+        c += 8;
+        if (c >= P)
+            c -= P;
+    }
+    for (; i < n; i++) {
+        y[i] = fbn_float_to_half(__builtin_fmaf(FBN_HF(x[i]) - m[c], s[c], b[c]));
+        if (++c == P)
+            c = 0;
+    }
+}
+
+FBN_F16C_FN void fbn_rows_elemt_h16_f16c(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                         Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
+                                         const float *m, const float *kdy, const float *kx,
+                                         const float *kc, int stream)
+{
+    Py_ssize_t i = 0, c = c0, head = fbn_half_head(dx, n, stream);
+    for (; i < head; i++) {
+        dx[i] = fbn_float_to_half(__builtin_fmaf(kdy[c], FBN_HF(dy[i]),
+                                                 __builtin_fmaf(kx[c], FBN_HF(x[i]) - m[c], kc[c])));
+        if (++c == P)
+            c = 0;
+    }
+    for (; i + 8 <= n; i += 8) {
+        FBN_HST(dx + i, _mm256_fmadd_ps(FBN_F8(kdy + c), FBN_H8(dy + i),
+                                        _mm256_fmadd_ps(FBN_F8(kx + c), FBN_H8(x + i) - FBN_F8(m + c),
+                                                        FBN_F8(kc + c))),
+                stream);
+        c += 8;
+        if (c >= P)
+            c -= P;
+    }
+    for (; i < n; i++) {
+        dx[i] = fbn_float_to_half(__builtin_fmaf(kdy[c], FBN_HF(dy[i]),
+                                                 __builtin_fmaf(kx[c], FBN_HF(x[i]) - m[c], kc[c])));
+        if (++c == P)
+            c = 0;
+    }
+}
+
+#undef FBN_H8
+#undef FBN_F8
+#undef FBN_HST
+#undef FBN_HF
+
+#undef FBN_F16C_RN
+#undef FBN_F16C_FN
+#define FBN_F16C_CALL(name, args) (fbn_f16c ? name##_f16c args : name##_base args)
+#else
+#define FBN_F16C_CALL(name, args) (name##_base args)
+#endif
+
+/* The float16 entry points used by the Cython kernels. */
+static inline void fbn_h2f(const uint16_t *h, float *f, Py_ssize_t n)
+{
+    FBN_F16C_CALL(fbn_h2f, (h, f, n));
+}
+
+static inline void fbn_f2h(const float *f, uint16_t *h, Py_ssize_t n)
+{
+    FBN_F16C_CALL(fbn_f2h, (f, h, n));
+}
+
+/* Store n float results as float16 at dst (streaming when asked). */
+static inline void fbn_store_half(uint16_t *dst, const float *src, Py_ssize_t n, int stream)
+{
+    FBN_F16C_CALL(fbn_store_half, (dst, src, n, stream));
+}
+
+#undef FBN_F16C_CALL
+
+/* Fused float16 element-wise loops: run them and return 1 when F16C is in use,
+ * else return 0 (the caller then goes through a float32 tile). */
+static inline int fbn_affine_h16(const uint16_t *x, uint16_t *y, Py_ssize_t n, float m,
+                                 float s, float b, int stream)
+{
+#if FBN_AVX2_DISPATCH
+    if (fbn_f16c) {
+        fbn_affine_h16_f16c(x, y, n, m, s, b, stream);
+        return 1;
+    }
+#endif
+    (void)x; (void)y; (void)n; (void)m; (void)s; (void)b; (void)stream;
+    return 0;
+}
+
+static inline int fbn_elemt_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                Py_ssize_t n, float m, float kdy, float kx, float kc, int stream)
+{
+#if FBN_AVX2_DISPATCH
+    if (fbn_f16c) {
+        fbn_elemt_h16_f16c(dy, x, dx, n, m, kdy, kx, kc, stream);
+        return 1;
+    }
+#endif
+    (void)dy; (void)x; (void)dx; (void)n; (void)m; (void)kdy; (void)kx; (void)kc; (void)stream;
+    return 0;
+}
+
+static inline int fbn_rows_affine_h16(const uint16_t *x, uint16_t *y, Py_ssize_t n,
+                                      Py_ssize_t c0, Py_ssize_t P, const float *m,
+                                      const float *s, const float *b, int stream)
+{
+#if FBN_AVX2_DISPATCH
+    if (fbn_f16c) {
+        fbn_rows_affine_h16_f16c(x, y, n, c0, P, m, s, b, stream);
+        return 1;
+    }
+#endif
+    (void)x; (void)y; (void)n; (void)c0; (void)P; (void)m; (void)s; (void)b; (void)stream;
+    return 0;
+}
+
+static inline int fbn_rows_elemt_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                     Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P, const float *m,
+                                     const float *kdy, const float *kx, const float *kc,
+                                     int stream)
+{
+#if FBN_AVX2_DISPATCH
+    if (fbn_f16c) {
+        fbn_rows_elemt_h16_f16c(dy, x, dx, n, c0, P, m, kdy, kx, kc, stream);
+        return 1;
+    }
+#endif
+    (void)dy; (void)x; (void)dx; (void)n; (void)c0; (void)P; (void)m; (void)kdy; (void)kx;
+    (void)kc; (void)stream;
+    return 0;
 }
 
 #define FBN_FN static inline
@@ -338,6 +644,19 @@ static inline int fbn_simd_get(void)
 #undef FBN_NAME
 #undef FBN_VBYTES
 #undef FBN_FN
+/* float16 input converted in registers (F16C), float arithmetic as _f32_avx2:
+ * only the reductions are used (the element-wise loops are above). */
+#define FBN_FN static inline __attribute__((target("avx2,fma,f16c")))
+#define FBN_VBYTES 32
+#define FBN_T float
+#define FBN_HALF_IN 1
+#define FBN_NAME(name) name##_hin_f16c
+#include "_bn_simd_t.h"
+#undef FBN_T
+#undef FBN_HALF_IN
+#undef FBN_NAME
+#undef FBN_VBYTES
+#undef FBN_FN
 #endif
 
 /* The entry points used by the Cython kernels: fbn_<loop>_f32 / _f64. */
@@ -359,5 +678,66 @@ static inline int fbn_simd_get(void)
 #undef FBN_D
 #undef FBN_BASE
 #undef FBN_AVX
+
+/* float16 reductions on the data itself, converted in registers: the entry
+ * points for the Cython kernels when fbn_f16c_get() (else they go through a
+ * float32 tile; these are then never called). Same accumulation order and
+ * arithmetic as the float32 AVX2 loops on converted data. */
+static inline int fbn_f16c_get(void)
+{
+    return fbn_f16c;
+}
+
+#if FBN_AVX2_DISPATCH
+#define FBN_H16(name, args) name##_hin_f16c args
+#else
+#define FBN_H16(name, args) ((void)0)
+#endif
+
+static inline double fbn_sum_h16(const uint16_t *x, Py_ssize_t n, const uint16_t *pf)
+{
+#if FBN_AVX2_DISPATCH
+    return fbn_sum_hin_f16c(x, n, pf);
+#else
+    (void)x; (void)n; (void)pf;
+    return 0.0;
+#endif
+}
+
+static inline void fbn_shifted_sums_h16(const uint16_t *x, Py_ssize_t n, float k, double *s1,
+                                        double *s2, const uint16_t *pf)
+{
+    (void)x; (void)n; (void)k; (void)s1; (void)s2; (void)pf;
+    FBN_H16(fbn_shifted_sums, (x, n, k, s1, s2, pf));
+}
+
+static inline void fbn_dot_xmu_h16(const uint16_t *dy, const uint16_t *x, Py_ssize_t n, float m,
+                                   double *sdy, double *sdyxmu, Py_ssize_t pf)
+{
+    (void)dy; (void)x; (void)n; (void)m; (void)sdy; (void)sdyxmu; (void)pf;
+    FBN_H16(fbn_dot_xmu, (dy, x, n, m, sdy, sdyxmu, pf));
+}
+
+static inline void fbn_rows_stats_wide_h16(const uint16_t *x, Py_ssize_t ld, Py_ssize_t R,
+                                           Py_ssize_t w, double n_old, float *k,
+                                           double *anchor, double *off, double *m2,
+                                           Py_ssize_t pfd, const uint16_t *pf_end)
+{
+    (void)x; (void)ld; (void)R; (void)w; (void)n_old; (void)k; (void)anchor; (void)off;
+    (void)m2; (void)pfd; (void)pf_end;
+    FBN_H16(fbn_rows_stats_wide, (x, ld, R, w, n_old, k, anchor, off, m2, pfd, pf_end));
+}
+
+static inline void fbn_rows_dot_wide_h16(const uint16_t *dy, const uint16_t *x, Py_ssize_t ld,
+                                         Py_ssize_t R, Py_ssize_t w, const float *m,
+                                         double *sdy, double *sdyxmu, Py_ssize_t pfd,
+                                         const uint16_t *pf_end)
+{
+    (void)dy; (void)x; (void)ld; (void)R; (void)w; (void)m; (void)sdy; (void)sdyxmu;
+    (void)pfd; (void)pf_end;
+    FBN_H16(fbn_rows_dot_wide, (dy, x, ld, R, w, m, sdy, sdyxmu, pfd, pf_end));
+}
+
+#undef FBN_H16
 
 #endif /* FASTBN_BN_SIMD_H */

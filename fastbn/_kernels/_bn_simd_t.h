@@ -32,9 +32,25 @@ FBN_FN double FBN_NAME(fbn_hsum)(FBN_VT v)
 }
 #endif
 
+/* The reductions read their data through FBN_IN_T / FBN_LDI / FBN_XI: the
+ * element type itself, or (FBN_HALF_IN: float16 bit patterns, FBN_T float,
+ * F16C target) halves converted in registers, with the same float arithmetic
+ * and accumulation order as the float instantiation run on converted data. */
+#ifdef FBN_HALF_IN
+#define FBN_IN_T uint16_t
+#define FBN_LDI(p) ((FBN_VT)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define FBN_XI(v) fbn_half_to_float(v)
+#else
+#define FBN_IN_T FBN_T
+#define FBN_LDI(p) FBN_LD(p)
+#define FBN_XI(v) (v)
+#endif
+/* Bytes of input per reduction step of FBN_NV vectors (prefetch span). */
+#define FBN_STEP_BYTES ((int)(FBN_NV * FBN_W * sizeof(FBN_IN_T)))
+
 /* Sum of n values (independent vector partial sums, then double); pf as in
  * fbn_shifted_sums. */
-FBN_FN double FBN_NAME(fbn_sum)(const FBN_T *x, Py_ssize_t n, const FBN_T *pf)
+FBN_FN double FBN_NAME(fbn_sum)(const FBN_IN_T *x, Py_ssize_t n, const FBN_IN_T *pf)
 {
     double s = 0.0;
     Py_ssize_t i = 0;
@@ -43,18 +59,18 @@ FBN_FN double FBN_NAME(fbn_sum)(const FBN_T *x, Py_ssize_t n, const FBN_T *pf)
     for (; i + FBN_NV * FBN_W <= n; i += FBN_NV * FBN_W) {
         if (pf) {   /* as in fbn_shifted_sums: the read yardstick prefetches too */
             int q;
-            for (q = 0; q < FBN_NV * FBN_VBYTES; q += 64)
+            for (q = 0; q < FBN_STEP_BYTES; q += 64)
                 fbn_prefetch((const char *)(pf + i) + q);
         }
-        a0 += FBN_LD(x + i);
-        a1 += FBN_LD(x + i + FBN_W);
-        a2 += FBN_LD(x + i + 2 * FBN_W);
-        a3 += FBN_LD(x + i + 3 * FBN_W);
+        a0 += FBN_LDI(x + i);
+        a1 += FBN_LDI(x + i + FBN_W);
+        a2 += FBN_LDI(x + i + 2 * FBN_W);
+        a3 += FBN_LDI(x + i + 3 * FBN_W);
     }
     s = FBN_NAME(fbn_hsum)((a0 + a1) + (a2 + a3));
 #endif
     for (; i < n; i++)
-        s += x[i];
+        s += FBN_XI(x[i]);
     return s;
 }
 
@@ -65,8 +81,8 @@ FBN_FN double FBN_NAME(fbn_sum)(const FBN_T *x, Py_ssize_t n, const FBN_T *pf)
  * is the channel's running mean, so d is small and the element-type partial
  * sums over a tile of <= 2048 values lose nothing that matters; tiles are
  * merged in double (Chan) by the caller. */
-FBN_FN void FBN_NAME(fbn_shifted_sums)(const FBN_T *x, Py_ssize_t n, FBN_T k,
-                                              double *s1, double *s2, const FBN_T *pf)
+FBN_FN void FBN_NAME(fbn_shifted_sums)(const FBN_IN_T *x, Py_ssize_t n, FBN_T k,
+                                              double *s1, double *s2, const FBN_IN_T *pf)
 {
     double t1 = 0.0, t2 = 0.0;
     Py_ssize_t i = 0;
@@ -79,13 +95,13 @@ FBN_FN void FBN_NAME(fbn_shifted_sums)(const FBN_T *x, Py_ssize_t n, FBN_T k,
         FBN_VT d0, d1, d2, d3;
         if (pf) {   /* one prefetch per 64-byte line of the iteration's span */
             int q;
-            for (q = 0; q < FBN_NV * FBN_VBYTES; q += 64)
+            for (q = 0; q < FBN_STEP_BYTES; q += 64)
                 fbn_prefetch((const char *)(pf + i) + q);
         }
-        d0 = FBN_LD(x + i) - kv;
-        d1 = FBN_LD(x + i + FBN_W) - kv;
-        d2 = FBN_LD(x + i + 2 * FBN_W) - kv;
-        d3 = FBN_LD(x + i + 3 * FBN_W) - kv;
+        d0 = FBN_LDI(x + i) - kv;
+        d1 = FBN_LDI(x + i + FBN_W) - kv;
+        d2 = FBN_LDI(x + i + 2 * FBN_W) - kv;
+        d3 = FBN_LDI(x + i + 3 * FBN_W) - kv;
         p0 += d0;
         p1 += d1;
         p2 += d2;
@@ -99,7 +115,7 @@ FBN_FN void FBN_NAME(fbn_shifted_sums)(const FBN_T *x, Py_ssize_t n, FBN_T k,
     t2 = FBN_NAME(fbn_hsum)((q0 + q1) + (q2 + q3));
 #endif
     for (; i < n; i++) {
-        FBN_T d = x[i] - k;
+        FBN_T d = FBN_XI(x[i]) - k;
         t1 += d;
         t2 += (double)d * d;
     }
@@ -109,7 +125,7 @@ FBN_FN void FBN_NAME(fbn_shifted_sums)(const FBN_T *x, Py_ssize_t n, FBN_T k,
 
 /* Backward sums of one tile: sum(dy) and sum(dy * (x - m)); when pf != 0,
  * dy + pf and x + pf are prefetched alongside (see fbn_shifted_sums). */
-FBN_FN void FBN_NAME(fbn_dot_xmu)(const FBN_T *dy, const FBN_T *x, Py_ssize_t n,
+FBN_FN void FBN_NAME(fbn_dot_xmu)(const FBN_IN_T *dy, const FBN_IN_T *x, Py_ssize_t n,
                                          FBN_T m, double *sdy, double *sdyxmu, Py_ssize_t pf)
 {
     double t1 = 0.0, t2 = 0.0;
@@ -123,30 +139,31 @@ FBN_FN void FBN_NAME(fbn_dot_xmu)(const FBN_T *dy, const FBN_T *x, Py_ssize_t n,
         FBN_VT g0, g1, g2, g3;
         if (pf) {
             int q;
-            for (q = 0; q < FBN_NV * FBN_VBYTES; q += 64) {
+            for (q = 0; q < FBN_STEP_BYTES; q += 64) {
                 fbn_prefetch((const char *)(dy + i + pf) + q);
                 fbn_prefetch((const char *)(x + i + pf) + q);
             }
         }
-        g0 = FBN_LD(dy + i);
-        g1 = FBN_LD(dy + i + FBN_W);
-        g2 = FBN_LD(dy + i + 2 * FBN_W);
-        g3 = FBN_LD(dy + i + 3 * FBN_W);
+        g0 = FBN_LDI(dy + i);
+        g1 = FBN_LDI(dy + i + FBN_W);
+        g2 = FBN_LDI(dy + i + 2 * FBN_W);
+        g3 = FBN_LDI(dy + i + 3 * FBN_W);
         p0 += g0;
         p1 += g1;
         p2 += g2;
         p3 += g3;
-        q0 += g0 * (FBN_LD(x + i) - mv);
-        q1 += g1 * (FBN_LD(x + i + FBN_W) - mv);
-        q2 += g2 * (FBN_LD(x + i + 2 * FBN_W) - mv);
-        q3 += g3 * (FBN_LD(x + i + 3 * FBN_W) - mv);
+        q0 += g0 * (FBN_LDI(x + i) - mv);
+        q1 += g1 * (FBN_LDI(x + i + FBN_W) - mv);
+        q2 += g2 * (FBN_LDI(x + i + 2 * FBN_W) - mv);
+        q3 += g3 * (FBN_LDI(x + i + 3 * FBN_W) - mv);
     }
     t1 = FBN_NAME(fbn_hsum)((p0 + p1) + (p2 + p3));
     t2 = FBN_NAME(fbn_hsum)((q0 + q1) + (q2 + q3));
 #endif
     for (; i < n; i++) {
-        t1 += dy[i];
-        t2 += (double)dy[i] * (x[i] - m);
+        FBN_T g = FBN_XI(dy[i]);
+        t1 += g;
+        t2 += (double)g * (FBN_XI(x[i]) - m);
     }
     *sdy = t1;
     *sdyxmu = t2;
@@ -255,10 +272,10 @@ FBN_FN void FBN_NAME(fbn_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T *dx,
  * software prefetch pfd elements ahead (below pf_end) is what streams: a
  * column block walking down the rows was 1.5x one read, four rows at a time
  * 1.7x, one row at a time 1.1-1.3x (1 thread, S/M channels-last). */
-FBN_FN void FBN_NAME(fbn_rows_stats_wide)(const FBN_T *x, Py_ssize_t ld, Py_ssize_t R,
+FBN_FN void FBN_NAME(fbn_rows_stats_wide)(const FBN_IN_T *x, Py_ssize_t ld, Py_ssize_t R,
                                           Py_ssize_t w, double n_old, FBN_T *k,
                                           double *anchor, double *off, double *m2,
-                                          Py_ssize_t pfd, const FBN_T *pf_end)
+                                          Py_ssize_t pfd, const FBN_IN_T *pf_end)
 {
     FBN_T a1[FBN_WIDE], a2[FBN_WIDE];
     double n_t = (double)R, n_new = n_old + n_t, f = n_t / n_new, g = n_old * n_t / n_new;
@@ -269,20 +286,20 @@ FBN_FN void FBN_NAME(fbn_rows_stats_wide)(const FBN_T *x, Py_ssize_t ld, Py_ssiz
         a2[j] = 0;
     }
     for (r = 0; r < R; r++) {
-        const FBN_T *x0 = x + r * ld;
+        const FBN_IN_T *x0 = x + r * ld;
         j = 0;
 #if FBN_VEXT
         for (; j + FBN_W <= w; j += FBN_W) {
             FBN_VT d0;
-            if (((j * sizeof(FBN_T)) & 63) == 0 && x0 + j + pfd < pf_end)
+            if (((j * sizeof(FBN_IN_T)) & 63) == 0 && x0 + j + pfd < pf_end)
                 FBN_PF_ROWS(x0 + j + pfd);
-            d0 = FBN_LD(x0 + j) - FBN_LD(k + j);
+            d0 = FBN_LDI(x0 + j) - FBN_LD(k + j);
             FBN_ST(a1 + j, FBN_LD(a1 + j) + d0);
             FBN_ST(a2 + j, FBN_LD(a2 + j) + d0 * d0);
         }
 #endif
         for (; j < w; j++) {
-            FBN_T d0 = x0[j] - k[j];
+            FBN_T d0 = FBN_XI(x0[j]) - k[j];
             a1[j] += d0;
             a2[j] += d0 * d0;
         }
@@ -305,10 +322,10 @@ FBN_FN void FBN_NAME(fbn_rows_stats_wide)(const FBN_T *x, Py_ssize_t ld, Py_ssiz
 
 /* Rows backward sums, wide form (see fbn_rows_stats_wide):
  * sdy += sum(dy), sdyxmu += sum(dy*(x - m)) over R rows x w channels. */
-FBN_FN void FBN_NAME(fbn_rows_dot_wide)(const FBN_T *dy, const FBN_T *x, Py_ssize_t ld,
+FBN_FN void FBN_NAME(fbn_rows_dot_wide)(const FBN_IN_T *dy, const FBN_IN_T *x, Py_ssize_t ld,
                                         Py_ssize_t R, Py_ssize_t w, const FBN_T *m,
                                         double *sdy, double *sdyxmu,
-                                        Py_ssize_t pfd, const FBN_T *pf_end)
+                                        Py_ssize_t pfd, const FBN_IN_T *pf_end)
 {
     FBN_T a1[FBN_WIDE], a2[FBN_WIDE];
     Py_ssize_t r, j;
@@ -317,23 +334,24 @@ FBN_FN void FBN_NAME(fbn_rows_dot_wide)(const FBN_T *dy, const FBN_T *x, Py_ssiz
         a2[j] = 0;
     }
     for (r = 0; r < R; r++) {
-        const FBN_T *g0 = dy + r * ld, *x0 = x + r * ld;
+        const FBN_IN_T *g0 = dy + r * ld, *x0 = x + r * ld;
         j = 0;
 #if FBN_VEXT
         for (; j + FBN_W <= w; j += FBN_W) {
             FBN_VT u0;
-            if (((j * sizeof(FBN_T)) & 63) == 0 && x0 + j + pfd < pf_end) {
+            if (((j * sizeof(FBN_IN_T)) & 63) == 0 && x0 + j + pfd < pf_end) {
                 FBN_PF_ROWS(g0 + j + pfd);
                 FBN_PF_ROWS(x0 + j + pfd);
             }
-            u0 = FBN_LD(g0 + j);
+            u0 = FBN_LDI(g0 + j);
             FBN_ST(a1 + j, FBN_LD(a1 + j) + u0);
-            FBN_ST(a2 + j, FBN_LD(a2 + j) + u0 * (FBN_LD(x0 + j) - FBN_LD(m + j)));
+            FBN_ST(a2 + j, FBN_LD(a2 + j) + u0 * (FBN_LDI(x0 + j) - FBN_LD(m + j)));
         }
 #endif
         for (; j < w; j++) {
-            a1[j] += g0[j];
-            a2[j] += g0[j] * (x0[j] - m[j]);
+            FBN_T g = FBN_XI(g0[j]);
+            a1[j] += g;
+            a2[j] += g * (FBN_XI(x0[j]) - m[j]);
         }
     }
     for (j = 0; j < w; j++) {
@@ -444,6 +462,10 @@ FBN_FN void FBN_NAME(fbn_rows_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T 
     FBN_NAME(fbn_rows_elemt)(dy, x, dx, n, c0, P, m, kdy, kx, kc);
 }
 
+#undef FBN_IN_T
+#undef FBN_LDI
+#undef FBN_XI
+#undef FBN_STEP_BYTES
 #if FBN_VEXT
 #undef FBN_ST
 #undef FBN_ST_NT
