@@ -28,6 +28,9 @@ SHAPES = {
     "S": (32, 64, 56, 56),
     "M": (128, 256, 28, 28),
     "L": (256, 64, 112, 112),
+    # (N, C) = (4096, 1024) as N x C x 1 x 1: with --layouts NHWC it is the rows view
+    # (4096, 1024, 1) that an NC input gets
+    "NC": (4096, 1024, 1, 1),
 }
 EPS = 1e-5
 
