@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from fastbn.bench import CacheFlusher, aligned_empty, round_robin
+
 SHAPES = {
     "S": (32, 64, 56, 56),
     "M": (128, 256, 28, 28),
@@ -46,38 +48,9 @@ EPS = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def aligned_empty(shape, dtype=np.float32, align=64):
-    """A touched (zero-filled), `align`-byte aligned array."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    off = (-raw.ctypes.data) % align
-    out = raw[off:off + nbytes].view(dtype).reshape(shape)
-    out.fill(0)
-    return out
-
-
-class Cold:
-    """Evict the caches (L3 is 32 MiB here) by writing a 128 MiB buffer."""
-
-    def __init__(self, nbytes=128 << 20):
-        self.buf = np.ones(nbytes // 8)
-
-    def __call__(self):
-        self.buf[::8] += 1.0  # one write per 64-byte line
-
-
 def run_round_robin(contenders, repeats, cold):
     """(median, min) seconds per contender, running them interleaved."""
-    times = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, (setup, fn) in contenders.items():
-            if setup is not None:
-                setup()
-            cold()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = round_robin(contenders, repeats, cold)
     return ({name: float(np.median(v)) for name, v in times.items()},
             {name: float(np.min(v)) for name, v in times.items()})
 
@@ -327,7 +300,7 @@ def main(argv=None):
     if not args.no_compile:
         report_first_calls(args.threads)
 
-    cold = Cold()
+    cold = CacheFlusher()
     rng = np.random.default_rng(0)
     results, minima = {}, {}
     for case in args.cases.split(","):

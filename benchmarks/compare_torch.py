@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from fastbn.bench import CacheFlusher, aligned_empty, round_robin
+
 SHAPES = {
     "S": (32, 64, 56, 56),
     "M": (128, 256, 28, 28),
@@ -35,38 +37,9 @@ SHAPES = {
 EPS = 1e-5
 
 
-def aligned_empty(shape, dtype=np.float32, align=64):
-    """A touched (zero-filled), `align`-byte aligned array."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    off = (-raw.ctypes.data) % align
-    out = raw[off:off + nbytes].view(dtype).reshape(shape)
-    out.fill(0)
-    return out
-
-
-class Cold:
-    """Evict the caches (L3 is 32 MiB here) by writing a 128 MiB buffer."""
-
-    def __init__(self, nbytes=128 << 20):
-        self.buf = np.ones(nbytes // 8)
-
-    def __call__(self):
-        self.buf[::8] += 1.0  # one write per 64-byte line
-
-
 def run_round_robin(contenders, repeats, cold):
     """Median seconds per contender, running them interleaved."""
-    times = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, (setup, fn) in contenders.items():
-            if setup is not None:
-                setup()
-            cold()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = round_robin(contenders, repeats, cold)
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
@@ -216,7 +189,7 @@ def main(argv=None):
     print(f"fastbn cython kernels, float32, {args.threads} threads, OpenMP "
           f"{'on' if K.openmp_enabled() else 'OFF'}, cold caches, medians of interleaved "
           f"rounds" + (f", torch {torch_mod.__version__}" if torch_mod else ""))
-    cold = Cold()
+    cold = CacheFlusher()
     check_team(K, args.threads, cold)
     rng = np.random.default_rng(0)
     rows = []

@@ -99,13 +99,16 @@ def _axis(case):
     return -1 if case.layout == "NHWC" else 1
 
 
-def aligned_empty(shape, dtype, align=64):
-    """A 64-byte-aligned array, touched (so streaming stores into it don't page-fault)."""
+def aligned_empty(shape, dtype=np.float32, align=64):
+    """A 64-byte-aligned array, touched (zero-filled: its pages are faulted in, so
+    streaming stores into it don't page-fault; np.zeros alone would not touch them)."""
     dtype = np.dtype(dtype)
     n = math.prod(shape) * dtype.itemsize
-    raw = np.zeros(n + align, np.uint8)
+    raw = np.empty(n + align, np.uint8)
     offset = (-raw.ctypes.data) % align
-    return raw[offset:offset + n].view(dtype).reshape(shape)
+    out = raw[offset:offset + n].view(dtype).reshape(shape)
+    out.fill(0)
+    return out
 
 
 # --- contenders -----------------------------------------------------------------------
@@ -287,11 +290,29 @@ class CacheFlusher:
     contender re-reads its input from cache and beats the memory floor.
     """
 
-    def __init__(self, nbytes=96 << 20):
-        self.buffer = np.zeros(nbytes // 8)
+    def __init__(self, nbytes=128 << 20):
+        self.buffer = np.ones(nbytes // 8)
 
     def __call__(self):
-        self.buffer += 1.0
+        self.buffer[::8] += 1.0  # one write per 64-byte line
+
+
+def round_robin(contenders, repeats, flush):
+    """{name: [seconds, ...]}: every contender once per round, in turn, each after a flush.
+
+    ``contenders`` maps a name to ``(setup, fn)``; ``setup`` (or None) runs untimed
+    before the flush.
+    """
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, (setup, fn) in contenders.items():
+            if setup is not None:
+                setup()
+            flush()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def run_cases(cases, contenders, *, threads=None, repeats=7, progress=None, cold=True):
