@@ -151,7 +151,6 @@ def _prepare_fastbn(name, case, threads):
     x, dy, p = make_data(case)
     axis = _axis(case)
     out = aligned_empty(x.shape, x.dtype) if case.op == "forward-training-out" else None
-    fwd = fastbn.batch_norm_forward(x, p["weight"], p["bias"], axis=axis, backend=name)
 
     def forward():
         with fastbn.num_threads(threads):
@@ -163,6 +162,9 @@ def _prepare_fastbn(name, case, threads):
         with fastbn.num_threads(threads):
             fastbn.batch_norm_forward(x, p["weight"], p["bias"], p["running_mean"],
                                       p["running_var"], training=False, axis=axis, backend=name)
+
+    if case.op == "backward":  # the statistics a backward pass is handed
+        fwd = fastbn.batch_norm_forward(x, p["weight"], p["bias"], axis=axis, backend=name)
 
     def backward():
         with fastbn.num_threads(threads):
