@@ -162,6 +162,13 @@ cdef enum:
     MIN_PER_THREAD = 32768
 cdef enum:
     PF_BYTES = 8192
+# Bytes of the rows family's first tile (its column means are the first shift).
+# Bytes of the rows family's first tile, whose column means are the first shift
+# (read twice: capped so the second read finds it in L2). 32-128 KiB measured
+# alike; the full 256-row tile (1 MiB per thread at 1024 channels) was 1.13-1.3x
+# slower for NC (4096, 1024) stats, S/M channels-last unchanged.
+cdef enum:
+    FIRST_TILE_BYTES = 65536
 # Fused per-channel paths re-read a channel from L2 (1 MiB per core here), so
 # they are taken only when the bytes one channel reads (x; or dy and x) fit in
 # it with room. Module state only so benchmarks can compare both paths.
@@ -428,7 +435,7 @@ cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ss
     """Statistics of rows [r0, r1) x channels [c0, c1), R rows per tile, rows
     walked in memory order with the tile's partial sums in L1 (wide blocks of
     up to FBN_WIDE channels), tiles merged per channel (Chan)."""
-    cdef Py_ssize_t r = r0, rt, cb, w, c, i, ld
+    cdef Py_ssize_t r = r0, rt, cb, w, c, i, ld, R1
     cdef Py_ssize_t pfd = _pf_rows(C, sizeof(data_t)) * C
     cdef double n_old = 0
     cdef float *kf = <float *>kbuf
@@ -439,7 +446,12 @@ cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ss
     # first shift: the first tile's column means (a second pass over a tile
     # that is still in cache), so the first tile's sums don't cancel even if
     # its first row is an outlier; summed in double in the anchor slots
-    rt = R if r1 - r0 > R else r1 - r0
+    # the first tile is capped at FIRST_TILE_BYTES (at least one row, at most R)
+    # so the main pass finds it still in L2: a full 256-row tile of 1024 float32
+    # channels is 1 MiB per thread, summed here scalar and read twice
+    R1 = FIRST_TILE_BYTES // ((c1 - c0) * sizeof(data_t))
+    R1 = 1 if R1 < 1 else (R if R1 > R else R1)
+    rt = R1 if r1 - r0 > R1 else r1 - r0
     for c in range(c0, c1):
         st[C + c] = 0
     for i in range(r0, r0 + rt):
@@ -457,7 +469,10 @@ cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ss
         else:
             kf[c] = <float>(st[C + c] / rt)
     while r < r1:
-        rt = R if r1 - r > R else r1 - r
+        if r == r0:
+            rt = R1 if r1 - r > R1 else r1 - r
+        else:
+            rt = R if r1 - r > R else r1 - r
         if data_t is double:
             cb = c0
             while cb < c1:

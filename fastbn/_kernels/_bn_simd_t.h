@@ -277,7 +277,10 @@ FBN_FN void FBN_NAME(fbn_rows_stats_wide)(const FBN_IN_T *x, Py_ssize_t ld, Py_s
                                           double *anchor, double *off, double *m2,
                                           Py_ssize_t pfd, const FBN_IN_T *pf_end)
 {
-    FBN_T a1[FBN_WIDE], a2[FBN_WIDE];
+    /* one array, a2 64 bytes past a 4 KiB multiple from a1: a1[j] and a2[j]
+     * 4 KiB apart falsely alias (a load of a2[j] waits on the store to a1[j]) */
+    FBN_T acc[2 * FBN_WIDE + 64 / sizeof(FBN_T)];
+    FBN_T *a1 = acc, *a2 = acc + FBN_WIDE + 64 / sizeof(FBN_T);
     double n_t = (double)R, n_new = n_old + n_t, f = n_t / n_new, g = n_old * n_t / n_new;
     double inv_n = 1.0 / n_t;
     Py_ssize_t r, j;
@@ -327,7 +330,10 @@ FBN_FN void FBN_NAME(fbn_rows_dot_wide)(const FBN_IN_T *dy, const FBN_IN_T *x, P
                                         double *sdy, double *sdyxmu,
                                         Py_ssize_t pfd, const FBN_IN_T *pf_end)
 {
-    FBN_T a1[FBN_WIDE], a2[FBN_WIDE];
+    /* one array, a2 64 bytes past a 4 KiB multiple from a1: a1[j] and a2[j]
+     * 4 KiB apart falsely alias (a load of a2[j] waits on the store to a1[j]) */
+    FBN_T acc[2 * FBN_WIDE + 64 / sizeof(FBN_T)];
+    FBN_T *a1 = acc, *a2 = acc + FBN_WIDE + 64 / sizeof(FBN_T);
     Py_ssize_t r, j;
     for (j = 0; j < w; j++) {
         a1[j] = 0;
