@@ -38,13 +38,14 @@ import numpy as np
 
 from fastbn.bench import CacheFlusher, aligned_empty, round_robin
 
+from compare_torch import EPS, torch_contenders  # the same torch side, one eps
+
 SHAPES = {
     "S": (32, 64, 56, 56),
     "M": (128, 256, 28, 28),
     "L": (256, 64, 112, 112),
 }
 CASES = ["S-NCHW", "M-NCHW", "L-NCHW", "S-NHWC", "M-NHWC", "L-NHWC", "NC"]
-EPS = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -191,39 +192,8 @@ def make_contenders(backends, layout, x, dy, y, dx, torch_mod):
     c["numba bwd 2-kernel"] = (None, bwd_two_kernel)
     c["numba bwd fused"] = (None, bwd_fused)
     if torch_mod is not None:
-        F = torch_mod.nn.functional
-        if layout == "NHWC":  # an NCHW-shaped tensor with channels_last strides, zero-copy
-            xt = torch_mod.from_numpy(x).permute(0, 3, 1, 2)
-            dyt = torch_mod.from_numpy(dy).permute(0, 3, 1, 2)
-        else:
-            xt = torch_mod.from_numpy(x)
-            dyt = torch_mod.from_numpy(dy)
-        wt, bt = torch_mod.from_numpy(w), torch_mod.from_numpy(b)
-        rm, rv = torch_mod.from_numpy(mean.copy()), torch_mod.from_numpy(1 / invstd ** 2 - EPS)
-        graph = {}
-
-        def torch_fwd():
-            with torch_mod.no_grad():
-                F.batch_norm(xt, None, None, wt, bt, training=True, eps=EPS)
-
-        def torch_infer():
-            with torch_mod.no_grad():
-                F.batch_norm(xt, rm, rv, wt, bt, training=False, eps=EPS)
-
-        def torch_bwd_setup():
-            graph.clear()
-            xg = xt.detach().requires_grad_(True)
-            wg = wt.detach().requires_grad_(True)
-            bg = bt.detach().requires_grad_(True)
-            graph["y"] = F.batch_norm(xg, None, None, wg, bg, training=True, eps=EPS)
-            graph["in"] = (xg, wg, bg)
-
-        def torch_bwd():
-            graph["y"].backward(dyt)
-
-        c["torch fwd"] = (None, torch_fwd)
-        c["torch infer"] = (None, torch_infer)
-        c["torch bwd"] = (torch_bwd_setup, torch_bwd)
+        c.update(torch_contenders(torch_mod, layout, x, dy, w, b,
+                                  running=(mean.copy(), 1 / invstd ** 2 - EPS)))
     return c
 
 

@@ -64,6 +64,43 @@ def check_team(K, threads, cold):
               "machine); multi-thread ratios below are unreliable, rerun later.")
 
 
+def torch_contenders(torch, layout, x, dy, w, b, running=None):
+    """torch.nn.functional.batch_norm on the same data: forward, autograd backward and,
+    given ``running = (mean, var)``, inference; NHWC data is viewed channels_last."""
+    F = torch.nn.functional
+    xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+    if layout == "NHWC":  # an NCHW-shaped tensor with channels_last strides, zero-copy
+        xt, dyt = xt.permute(0, 3, 1, 2), dyt.permute(0, 3, 1, 2)
+    wt, bt = torch.from_numpy(w), torch.from_numpy(b)
+    graph = {}
+
+    def torch_fwd():
+        with torch.no_grad():
+            F.batch_norm(xt, None, None, wt, bt, training=True, eps=EPS)
+
+    def torch_bwd_setup():
+        graph.clear()
+        xg = xt.detach().requires_grad_(True)
+        wg = wt.detach().requires_grad_(True)
+        bg = bt.detach().requires_grad_(True)
+        graph["y"] = F.batch_norm(xg, None, None, wg, bg, training=True, eps=EPS)
+        graph["in"] = (xg, wg, bg)
+
+    def torch_bwd():
+        graph["y"].backward(dyt)
+
+    c = {"torch fwd": (None, torch_fwd)}
+    if running is not None:
+        rm, rv = (torch.from_numpy(r) for r in running)
+
+        def torch_infer():
+            with torch.no_grad():
+                F.batch_norm(xt, rm, rv, wt, bt, training=False, eps=EPS)
+        c["torch infer"] = (None, torch_infer)
+    c["torch bwd"] = (torch_bwd_setup, torch_bwd)
+    return c
+
+
 def make_contenders(K, be, layout, x, dy, y, dx, threads, torch_mod, fastbn_api):
     """The kernels and floors for one tensor; x, dy are the user's arrays (NCHW
     or NHWC), y, dx aligned outputs of the same shape."""
@@ -119,34 +156,7 @@ def make_contenders(K, be, layout, x, dy, y, dx, threads, torch_mod, fastbn_api)
         c["fwd api alloc"] = (None, lambda: fastbn_api.batch_norm_forward(
             x, w, b, axis=axis, backend="cython"))
     if torch_mod is not None:
-        F = torch_mod.nn.functional
-        if layout == "NCHW":
-            xt = torch_mod.from_numpy(x)
-            dyt = torch_mod.from_numpy(dy)
-        else:  # an NCHW-shaped tensor with channels_last strides, zero-copy
-            xt = torch_mod.from_numpy(x).permute(0, 3, 1, 2)
-            dyt = torch_mod.from_numpy(dy).permute(0, 3, 1, 2)
-        wt = torch_mod.from_numpy(w)
-        bt = torch_mod.from_numpy(b)
-        graph = {}
-
-        def torch_fwd():
-            with torch_mod.no_grad():
-                F.batch_norm(xt, None, None, wt, bt, training=True, eps=EPS)
-
-        def torch_bwd_setup():
-            graph.clear()
-            xg = xt.detach().requires_grad_(True)
-            wg = wt.detach().requires_grad_(True)
-            bg = bt.detach().requires_grad_(True)
-            graph["y"] = F.batch_norm(xg, None, None, wg, bg, training=True, eps=EPS)
-            graph["in"] = (xg, wg, bg)
-
-        def torch_bwd():
-            graph["y"].backward(dyt)
-
-        c["torch fwd"] = (None, torch_fwd)
-        c["torch bwd"] = (torch_bwd_setup, torch_bwd)
+        c.update(torch_contenders(torch_mod, layout, x, dy, w, b))
     return c
 
 
