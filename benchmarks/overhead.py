@@ -50,13 +50,13 @@ def main():
     rows = []
     with fastbn.use_backend("null"):
         rows.append(("forward, training, running stats",
-                     median_us(lambda: fastbn.batch_norm_forward(x, w, b, rm, rv))))
+                     median_us(lambda: fastbn.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv))))
         rows.append(("forward, training, bare",
                      median_us(lambda: fastbn.batch_norm_forward(x))))
         rows.append(("forward, inference",
                      median_us(lambda: fastbn.batch_norm(x, rm, rv, w, b))))
         rows.append(("backward, training",
-                     median_us(lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, w))))
+                     median_us(lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, weight=w))))
     rows.append(("[for scale] np.empty_like(x)", median_us(lambda: np.empty_like(x))))
     print(f"fastbn {fastbn.__version__}: Python overhead per call, (8, 16) float32, "
           f"median of 15 x 2000 calls (target < 30 us)")

@@ -7,9 +7,11 @@ from typing import Any, NamedTuple
 
 from . import _registry
 from ._arrays import Interop, device_scope
-from ._validate import (STAT_DTYPE, canonical, channel_vector, check_array, check_eps,
-                        check_flag, check_momentum, check_out, check_training_count,
-                        device_of, running_stats)
+from ._registry import FUSED_KERNELS
+from ._validate import (STAT_DTYPE, canonical, channel_vector, check_array, check_canary,
+                        check_eps, check_flag, check_momentum, check_out,
+                        check_training_count, device_of, kernel_vectors, kernel_wrote,
+                        plant_canary, running_stats)
 
 _FLOATS = frozenset(STAT_DTYPE)
 
@@ -53,27 +55,55 @@ class BackwardResult(NamedTuple):
 
 
 # --- composition of the four kernels ------------------------------------------------
+# Kernel results are checked (arity, shape, dtype, written in place) before use. A
+# fused kernel that declines hands the call to the same backend's four kernels.
 
 def _invstd(xp, var, eps):
     return 1.0 / xp.sqrt(var + eps)
 
 
-def _train_forward(be, view, weight, bias, eps, y3):
+def _reduce(be, kernel, view, *args):
+    """Call a kernel that returns two (C,) vectors, and check what it returned."""
+    return kernel_vectors(getattr(be, kernel)(*args), f"{be.name}.{kernel}", view,
+                          STAT_DTYPE[view.x3.dtype.name])
+
+
+def _fill(be, kernel, view, fresh, *args):
+    """Call a kernel that writes its last argument; check it did, in place.
+
+    ``fresh``: the output is a buffer fastbn allocated, so a canary can show
+    whether the kernel wrote it.
+    """
+    where = f"{be.name}.{kernel}"
+    out3 = args[-1]
+    planted = fresh and plant_canary(out3)
+    result = getattr(be, kernel)(*args)
+    if kernel in FUSED_KERNELS:
+        result = kernel_vectors(result, where, view, STAT_DTYPE[view.x3.dtype.name])
+    else:
+        result = kernel_wrote(result, where)
+    if planted and result is not NotImplemented:
+        data = [a for a in args[:-1] if getattr(a, "ndim", 0) == 3]
+        vectors = [a for a in args if getattr(a, "ndim", 0) == 1] + list(result or ())
+        check_canary(out3, data, vectors, where)
+    return result
+
+
+def _train_forward(be, view, weight, bias, eps, y3, fresh):
     """Statistics and normalization on one backend: (mean, m2, invstd) or NotImplemented."""
     xp, x3, n = view.xp, view.x3, view.count
-    fused = getattr(be, "forward_train", None)
-    if fused is not None:
-        stats = fused(x3, weight, bias, eps, y3)
-        if stats is NotImplemented:
-            return NotImplemented
-        mean, m2 = stats
-        return mean, m2, _invstd(xp, m2 / n, eps)
-    stats = be.stats(x3)
+    if getattr(be, "forward_train", None) is not None:
+        stats = _fill(be, "forward_train", view, fresh, x3, weight, bias, eps, y3)
+        if stats is not NotImplemented:
+            mean, m2 = stats
+            return mean, m2, _invstd(xp, m2 / n, eps)
+    stats = _reduce(be, "stats", view, x3)
     if stats is NotImplemented:
         return NotImplemented
     mean, m2 = stats
     invstd = _invstd(xp, m2 / n, eps)
-    if be.normalize(x3, mean, weight * invstd, bias, y3) is NotImplemented:
+    if _fill(be, "normalize", view, fresh, x3, mean, weight * invstd, bias,
+             y3) is NotImplemented:
         return NotImplemented
     return mean, m2, invstd
 
@@ -81,35 +111,38 @@ def _train_forward(be, view, weight, bias, eps, y3):
 def _train_backward(be, view, dy3, mean, invstd, weight, dx3):
     """Reductions and dx on one backend: (sum_dy, sum_dy_xmu) or NotImplemented."""
     x3, n = view.x3, view.count
-    fused = getattr(be, "backward_train", None)
-    if fused is not None:
-        return fused(dy3, x3, mean, invstd, weight, dx3)
-    sums = be.backward_reduce(dy3, x3, mean)
+    if getattr(be, "backward_train", None) is not None:
+        sums = _fill(be, "backward_train", view, True, dy3, x3, mean, invstd, weight, dx3)
+        if sums is not NotImplemented:
+            return sums
+    sums = _reduce(be, "backward_reduce", view, dy3, x3, mean)
     if sums is NotImplemented:
         return NotImplemented
     sum_dy, sum_dy_xmu = sums
     k_dy = weight * invstd
     k_x = -k_dy * invstd * invstd * sum_dy_xmu / n
     k_c = -k_dy * sum_dy / n
-    if be.backward_elemt(dy3, x3, mean, k_dy, k_x, k_c, dx3) is NotImplemented:
+    if _fill(be, "backward_elemt", view, True, dy3, x3, mean, k_dy, k_x, k_c,
+             dx3) is NotImplemented:
         return NotImplemented
     return sum_dy, sum_dy_xmu
 
 
 def _eval_backward(be, view, dy3, mean, invstd, weight, dx3):
     """dx = dy * invstd * weight, plus the reductions for dweight and dbias."""
-    sums = be.backward_reduce(dy3, view.x3, mean)
+    sums = _reduce(be, "backward_reduce", view, dy3, view.x3, mean)
     if sums is NotImplemented:
         return NotImplemented
     zeros = view.xp.zeros_like(mean)
-    if be.backward_elemt(dy3, view.x3, mean, weight * invstd, zeros, zeros, dx3) is NotImplemented:
+    if _fill(be, "backward_elemt", view, True, dy3, view.x3, mean, weight * invstd, zeros,
+             zeros, dx3) is NotImplemented:
         return NotImplemented
     return sums
 
 
 # --- public functions ---------------------------------------------------------------
 
-def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, axis=1, out=None, backend=None):
     r"""Batch-normalize ``x`` over every axis but ``axis``.
 
@@ -132,9 +165,11 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     weight, bias : array of shape (C,), optional
         Scale :math:`\gamma` (default 1) and shift :math:`\beta` (default 0), in
         ``x``'s dtype or the statistics dtype.
-    running_mean, running_var : array of shape (C,), optional
+    running_mean, running_var : array of shape (C,), optional, keyword-only
         Running statistics, given together, in the statistics dtype (float32 for
         float16/float32 ``x``, float64 for float64 ``x``). Required when not training.
+        Keyword-only because :func:`batch_norm` takes them positionally in
+        PyTorch's order, before ``weight`` and ``bias``.
     training : bool, default True
         Use batch statistics (and update running ones) or running statistics.
     momentum : float in [0, 1], default 0.1
@@ -207,7 +242,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     # into a buffer copied to out once the call has succeeded.
     y3 = check_out(out, x, view) if out is not None else None
     staged = None
-    if y3 is None:
+    fresh = y3 is None  # fastbn's own buffer, not the caller's memory
+    if fresh:
         y3, staged = view.empty()
     y = staged if out is None else out
 
@@ -220,7 +256,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     if training:
         mean, m2, invstd = _registry.dispatch(
             device, dtype, view.family, backend,
-            lambda be: _train_forward(be, view, weight, bias, eps, y3))
+            lambda be: _train_forward(be, view, weight, bias, eps, y3, fresh))
         if running_mean is not None:
             n = view.count
             new_mean = (1.0 - momentum) * running_mean + momentum * mean
@@ -232,13 +268,14 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         invstd = _invstd(xp, running_var, eps).astype(stat, copy=False)
         scale = weight * invstd
         _registry.dispatch(device, dtype, view.family, backend,
-                           lambda be: be.normalize(view.x3, mean, scale, bias, y3))
+                           lambda be: _fill(be, "normalize", view, fresh, view.x3, mean, scale,
+                                            bias, y3))
     if out is not None and staged is not None:
         out[...] = staged
     return y, mean, invstd
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis=1,
+def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis=1,
                         backend=None):
     r"""Gradients of batch normalization with respect to ``x``, ``weight`` and ``bias``.
 
@@ -261,8 +298,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
         The forward input.
     mean, invstd : array of shape (C,)
         As returned by :func:`batch_norm_forward` for this ``x``.
-    weight : array of shape (C,), optional
-        The scale used in the forward pass (default 1).
+    weight : array of shape (C,), optional, keyword-only
+        The scale used in the forward pass (default 1). Keyword-only: PyTorch's
+        ``native_batch_norm_backward`` puts weight before the statistics, and a
+        positional mix-up would go unnoticed.
     training : bool, default True
         Whether the forward pass used batch statistics (the full gradient, in
         which the statistics depend on ``x``) or running statistics.
@@ -342,5 +381,6 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     >>> rm
     array([0.05, 0.05, 0.05], dtype=float32)
     """
-    return batch_norm_forward(x, weight, bias, running_mean, running_var, training=training,
+    return batch_norm_forward(x, weight, bias, running_mean=running_mean,
+                              running_var=running_var, training=training,
                               momentum=momentum, eps=eps, axis=axis, backend=backend).y

@@ -26,6 +26,12 @@ class BackendUnavailableError(RuntimeError):
     device or dtype, or it declined); the message says which and why."""
 
 
+class BackendContractError(RuntimeError):
+    """A backend's kernel broke the kernel contract (returned the wrong arity, shape or
+    dtype, or did not write its output in place); the message names ``backend.kernel``.
+    Raised before the result reaches the caller or any running statistic."""
+
+
 class Backend:
     """Base class for fastbn backends (subclassing is optional: the protocol is duck-typed).
 
@@ -99,6 +105,7 @@ _lock = threading.RLock()
 _backends = {}           # name -> backend
 _availability = {}       # name -> (ok, reason), probed once
 _selection_cache = {}    # (device, dtype, family, requested) -> tuple of backends
+_failed_plugins = {}     # entry-point name -> (reason, exception) of a plugin that failed to load
 _entry_points_loaded = False
 _requested = contextvars.ContextVar("fastbn_backend", default=None)
 _last = threading.local()
@@ -181,8 +188,10 @@ def _load_entry_points():
                 backend = obj() if inspect.isclass(obj) or inspect.isfunction(obj) else obj
                 register_backend(backend, replace=False)
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not break fastbn
+                error = f"{type(exc).__name__}: {exc}"
+                _failed_plugins[ep.name] = (f"plugin {ep.value!r} failed to load: {error}", exc)
                 warnings.warn(f"fastbn: skipping backend plugin {ep.name!r} ({ep.value}): "
-                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+                              f"{error}", RuntimeWarning, stacklevel=2)
 
 
 def _registered():
@@ -218,6 +227,9 @@ def backends():
         ok, reason = _probe(b)
         rows.append(BackendInfo(b.name, ok, frozenset(b.devices), frozenset(b.dtypes),
                                 b.priority, reason))
+    # plugins that failed to load: listed, unavailable, with their error
+    rows += [BackendInfo(name, False, frozenset(), frozenset(), 0, reason)
+             for name, (reason, _) in sorted(_failed_plugins.items()) if name not in _backends]
     return rows
 
 
@@ -226,6 +238,8 @@ def get_backend(name):
 
     Raises
     ------
+    BackendUnavailableError
+        If ``name`` is a plugin whose entry point failed to load (chained to its error).
     ValueError
         If no backend of that name is registered.
     """
@@ -235,6 +249,9 @@ def get_backend(name):
             return registry[name]
         except KeyError:
             pass
+        if name in _failed_plugins:
+            reason, exc = _failed_plugins[name]
+            raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}") from exc
         raise ValueError(f"backend: unknown backend {name!r}; registered: "
                          f"{', '.join(sorted(registry)) or 'none'}")
     raise TypeError(f"backend: expected a backend name (str), got {type(name).__name__}")

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._registry import BackendContractError
+
 # data dtype -> dtype of saved and running statistics (and of kernel vectors)
 STAT_DTYPE = {"float16": "float32", "float32": "float32", "float64": "float64"}
 _FLOAT_NAMES = "float16, float32 or float64"
@@ -235,6 +237,75 @@ def _data_pointer(a):
 
 def _same_memory(a, b):
     return _data_pointer(a) == _data_pointer(b) and a.strides == b.strides
+
+
+# --- what kernels return ----------------------------------------------------------------
+# The core trusts no kernel: a result that breaks the contract is an error naming
+# "backend.kernel" before it can reach the caller or a running statistic.
+
+def _describe(value):
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"{type(value).__module__.split('.')[0]} array of shape {tuple(value.shape)} " \
+               f"and dtype {value.dtype}"
+    return type(value).__name__
+
+
+def kernel_vectors(result, where, view, stat_dtype):
+    """A kernel's ``(a, b)`` result: two (C,) arrays of the call's library in ``stat_dtype``."""
+    if result is NotImplemented:
+        return result
+    c = view.x3.shape[1]
+    expected = (f"a tuple of two {view.xp.__name__} arrays of shape ({c},) and dtype "
+                f"{stat_dtype} (or NotImplemented)")
+    if not isinstance(result, tuple) or len(result) != 2:
+        got = f"a tuple of {len(result)}" if isinstance(result, tuple) else _describe(result)
+        raise BackendContractError(f"{where} returned {got}; expected {expected}")
+    for v in result:
+        if (array_module(v) is not view.xp or tuple(v.shape) != (c,)
+                or v.dtype.name != stat_dtype):
+            raise BackendContractError(f"{where} returned a {_describe(v)}; expected {expected}")
+    return result
+
+
+def kernel_wrote(result, where):
+    """An element-wise kernel writes its output in place and returns None (or NotImplemented)."""
+    if result is None or result is NotImplemented:
+        return result
+    raise BackendContractError(f"{where} returned {_describe(result)}; expected None (the "
+                               f"result written into its output array in place) or "
+                               f"NotImplemented")
+
+
+# Quiet NaNs with a payload that arithmetic on finite values never makes (invalid
+# operations give the default NaN), planted at both ends of an output buffer that
+# fastbn allocated: a kernel that leaves one behind did not write its output.
+_CANARY = {np.dtype(np.float16): np.uint16(0x7E5B), np.dtype(np.float32): np.uint32(0x7FE5A5A5),
+           np.dtype(np.float64): np.uint64(0x7FFDA5A5A5A5A5A5)}
+
+
+def plant_canary(a3):
+    """Mark both ends of a fresh host output buffer; returns whether it did."""
+    if a3.size == 0 or not isinstance(a3, np.ndarray):
+        return False  # device buffers: checking would synchronise the stream
+    bits = a3.reshape(-1).view(_CANARY[a3.dtype].dtype)
+    bits[0] = bits[-1] = _CANARY[a3.dtype]
+    return True
+
+
+def check_canary(out3, inputs, vectors, where):
+    """Raise if a planted canary survived where finite inputs must have overwritten it."""
+    canary = _CANARY[out3.dtype]
+    bits = out3.reshape(-1).view(canary.dtype)
+    for flat, channel in ((0, 0), (out3.size - 1, out3.shape[1] - 1)):
+        if bits[flat] != canary:
+            continue
+        finite = all(np.isfinite(a.reshape(-1)[flat]) for a in inputs) and all(
+            np.isfinite(v[channel]) for v in vectors)
+        if finite:  # NaN inputs may carry any payload: only finite ones prove it
+            raise BackendContractError(
+                f"{where} returned without writing its output array (element {flat} of the "
+                f"canonical view kept the value fastbn planted there); kernels must write "
+                f"y3/dx3 in place, not a copy")
 
 
 # --- the layer -----------------------------------------------------------------------

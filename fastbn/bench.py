@@ -154,21 +154,21 @@ def _prepare_fastbn(name, case, threads):
 
     def forward():
         with fastbn.num_threads(threads):
-            fastbn.batch_norm_forward(x, p["weight"], p["bias"], p["running_mean"],
-                                      p["running_var"], training=True, axis=axis, out=out,
+            fastbn.batch_norm_forward(x, p["weight"], p["bias"], running_mean=p["running_mean"],
+                                      running_var=p["running_var"], training=True, axis=axis, out=out,
                                       backend=name)
 
     def inference():
         with fastbn.num_threads(threads):
-            fastbn.batch_norm_forward(x, p["weight"], p["bias"], p["running_mean"],
-                                      p["running_var"], training=False, axis=axis, backend=name)
+            fastbn.batch_norm_forward(x, p["weight"], p["bias"], running_mean=p["running_mean"],
+                                      running_var=p["running_var"], training=False, axis=axis, backend=name)
 
     if case.op == "backward":  # the statistics a backward pass is handed
         fwd = fastbn.batch_norm_forward(x, p["weight"], p["bias"], axis=axis, backend=name)
 
     def backward():
         with fastbn.num_threads(threads):
-            fastbn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, p["weight"], axis=axis,
+            fastbn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, weight=p["weight"], axis=axis,
                                        backend=name)
 
     return {"inference": inference, "backward": backward}.get(case.op, forward)

@@ -39,15 +39,15 @@ def _callback(fn, shapes, *args):
 def _forward_host(x, weight, bias, mean, var, training, eps, axis):
     """numpy in, numpy out: fastbn's forward (running stats, if any, are inputs only)."""
     result = _api.batch_norm_forward(np.asarray(x), np.asarray(weight), np.asarray(bias),
-                                     None if mean is None else np.array(mean),
-                                     None if var is None else np.array(var),
+                                     running_mean=None if mean is None else np.array(mean),
+                                     running_var=None if var is None else np.array(var),
                                      training=training, eps=eps, axis=axis)
     return tuple(np.asarray(a) for a in result)
 
 
 def _backward_host(dy, x, mean, invstd, weight, training, axis):
     result = _api.batch_norm_backward(np.asarray(dy), np.asarray(x), np.asarray(mean),
-                                      np.asarray(invstd), np.asarray(weight),
+                                      np.asarray(invstd), weight=np.asarray(weight),
                                       training=training, axis=axis)
     return tuple(np.asarray(a) for a in result)
 

@@ -105,8 +105,8 @@ class BatchNorm:
             momentum = 1.0 / (self.num_batches_tracked + 1)
         result = _api.batch_norm_forward(
             x, self.weight, self.bias,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
+            running_mean=self.running_mean if self.track_running_stats else None,
+            running_var=self.running_var if self.track_running_stats else None,
             training=use_batch_stats, momentum=0.0 if momentum is None else momentum,
             eps=self.eps, axis=self.axis, backend=self.backend)
         if updates:
@@ -127,7 +127,7 @@ class BatchNorm:
             raise RuntimeError("backward: call forward(x) first; no statistics are saved")
         x, mean, invstd, used_batch_stats = self._saved
         dx, dweight, dbias = _api.batch_norm_backward(
-            dy, x, mean, invstd, self.weight, training=used_batch_stats, axis=self.axis,
+            dy, x, mean, invstd, weight=self.weight, training=used_batch_stats, axis=self.axis,
             backend=self.backend)
         if self.affine:
             self.grad_weight, self.grad_bias = dweight, dbias

@@ -20,7 +20,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
                 axis, backend):
         y, mean, invstd = _api.batch_norm_forward(
-            x, weight, bias, running_mean, running_var, training=training,
+            x, weight, bias, running_mean=running_mean, running_var=running_var, training=training,
             momentum=momentum, eps=eps, axis=axis, backend=backend)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.training, ctx.axis, ctx.backend = training, axis, backend
@@ -30,7 +30,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         dx, dweight, dbias = _api.batch_norm_backward(
-            dy, x, mean, invstd, weight, training=ctx.training, axis=ctx.axis,
+            dy, x, mean, invstd, weight=weight, training=ctx.training, axis=ctx.axis,
             backend=ctx.backend)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (dx if need_x else None,

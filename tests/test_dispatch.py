@@ -118,7 +118,7 @@ def test_composition_from_four_kernels(register, x):
 def test_fused_paths_used_when_present(register, x):
     fused = register(FusedBackend("fused"))
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    r = fastbn.batch_norm_forward(x, None, None, rm, rv)
+    r = fastbn.batch_norm_forward(x, None, None, running_mean=rm, running_var=rv)
     dx = fastbn.batch_norm_backward(np.ones_like(x), x, r.mean, r.invstd).dx
     assert fused.calls["forward_train"] == 1 and fused.calls["backward_train"] == 1
     assert fused.calls["stats"] == fused.calls["normalize"] == 0
@@ -132,7 +132,7 @@ def test_fused_paths_used_when_present(register, x):
 def test_not_implemented_falls_through_to_next(register, x):
     mock = register(CountingBackend(decline={"normalize"}))
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    fastbn.batch_norm_forward(x, None, None, rm, rv)
+    fastbn.batch_norm_forward(x, None, None, running_mean=rm, running_var=rv)
     assert fastbn.last_backend() == "numpy"
     assert mock.calls["normalize"] == 1
     # the running statistics were updated once, not once per backend tried

@@ -30,7 +30,7 @@ def test_torch_tensors_in_and_out_without_copies(memory_format):
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     rm_ptr = rm.data_ptr()
     spy = SpyBackend()
-    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, rm, rv, backend=spy)
+    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, running_mean=rm, running_var=rv, backend=spy)
     assert isinstance(y, torch.Tensor) and isinstance(mean, torch.Tensor)
     assert spy.pointers["x"] == x.data_ptr()      # x viewed, not copied
     assert spy.pointers["y"] == y.data_ptr()      # y handed back, not copied
@@ -64,8 +64,8 @@ def test_mixed_libraries_are_rejected():
     with pytest.raises(TypeError, match="weight: expected a numpy array like x, got torch"):
         fastbn.batch_norm_forward(x, torch.ones(3))
     with pytest.raises(TypeError, match="running_mean: expected a torch array like x"):
-        fastbn.batch_norm_forward(torch.from_numpy(x), None, None, np.zeros(3, np.float32),
-                                  np.ones(3, np.float32))
+        fastbn.batch_norm_forward(torch.from_numpy(x), None, None, running_mean=np.zeros(3, np.float32),
+                                  running_var=np.ones(3, np.float32))
 
 
 class FakeDeviceArray:

@@ -29,11 +29,11 @@ def test_jax_arrays_in_jax_arrays_out(data):
 def test_immutable_outputs_are_a_clear_error(data):
     x = jnp.asarray(data[0])
     with pytest.raises(ValueError, match="running_mean: expected a writable array"):
-        fastbn.batch_norm_forward(x, None, None, jnp.zeros(3), jnp.ones(3))
+        fastbn.batch_norm_forward(x, None, None, running_mean=jnp.zeros(3), running_var=jnp.ones(3))
     with pytest.raises(ValueError, match="out: expected a writable array"):
         fastbn.batch_norm_forward(x, out=jnp.zeros_like(x))
     # inference only reads them: fine
-    fastbn.batch_norm_forward(x, None, None, jnp.zeros(3), jnp.ones(3), training=False)
+    fastbn.batch_norm_forward(x, None, None, running_mean=jnp.zeros(3), running_var=jnp.ones(3), training=False)
 
 
 def _formula(x, w, b, eps=1e-5):

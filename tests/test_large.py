@@ -51,7 +51,7 @@ def test_rows_array_longer_than_2_to_31(big_backend, on_device):
     x[:, 1] = 1 - x[:, 0]
     x = on_device(x)
     rm, rv = on_device(np.zeros(2, np.float32)), on_device(np.ones(2, np.float32))
-    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, rm, rv, backend=big_backend)
+    y, mean, invstd = fastbn.batch_norm_forward(x, None, None, running_mean=rm, running_var=rv, backend=big_backend)
     np.testing.assert_allclose(to_numpy(mean), [0.0, 1.0], atol=1e-6)
     np.testing.assert_allclose(to_numpy(invstd), [1 / np.sqrt(2.5 + EPS)] * 2, rtol=1e-6)
     np.testing.assert_allclose(to_numpy(rv), 0.9 + 0.1 * 2.5 * rows / (rows - 1), rtol=1e-6)

@@ -59,7 +59,7 @@ def make_params(rng, c, dtype):
 
 def forward_on(backend, on_device, x, params, **kw):
     w, b, rm, rv = (on_device(p.copy()) for p in params)
-    result = fastbn.batch_norm_forward(on_device(x), w, b, rm, rv, backend=backend, **kw)
+    result = fastbn.batch_norm_forward(on_device(x), w, b, running_mean=rm, running_var=rv, backend=backend, **kw)
     assert fastbn.last_backend() == backend
     return [to_numpy(a) for a in (*result, rm, rv)]
 
@@ -116,7 +116,7 @@ def test_forward_inference(backend, on_device, rng, layout, dtype):
 
 def backward_on(backend, on_device, dy, x, mean, invstd, w, **kw):
     result = fastbn.batch_norm_backward(on_device(dy), on_device(x), on_device(mean),
-                                        on_device(invstd), on_device(w), backend=backend, **kw)
+                                        on_device(invstd), weight=on_device(w), backend=backend, **kw)
     assert fastbn.last_backend() == backend
     return [to_numpy(a) for a in result]
 
@@ -184,12 +184,12 @@ def test_backward_matches_finite_differences(backend, on_device, rng, layout, tr
 
     def loss():
         y = fastbn.batch_norm_forward(on_device(x), on_device(w), on_device(b),
-                                      on_device(rm.copy()), on_device(rv.copy()),
+                                      running_mean=on_device(rm.copy()), running_var=on_device(rv.copy()),
                                       training=training, axis=axis, backend=backend).y
         return float((to_numpy(y) * g).sum())
 
     _, mean, invstd = fastbn.batch_norm_forward(on_device(x), on_device(w), on_device(b),
-                                                on_device(rm.copy()), on_device(rv.copy()),
+                                                running_mean=on_device(rm.copy()), running_var=on_device(rv.copy()),
                                                 training=training, axis=axis, backend=backend)
     dx, dw, db = backward_on(backend, on_device, g, x, to_numpy(mean), to_numpy(invstd), w,
                              training=training, axis=axis)

@@ -25,7 +25,7 @@ def test_nonfinite_stays_in_its_channel(backend, on_device, layout, bad):
     x[index] = bad
     rm, rv = on_device(np.zeros(5, np.float32)), on_device(np.ones(5, np.float32))
     y, mean, invstd = (to_numpy(a) for a in fastbn.batch_norm_forward(
-        on_device(x), None, None, rm, rv, axis=axis, backend=backend))
+        on_device(x), None, None, running_mean=rm, running_var=rv, axis=axis, backend=backend))
     y_c = np.moveaxis(y, axis, 0)
     assert np.isnan(y_c[poisoned]).all()          # inf - inf, 0 * inf, nan: all NaN
     clean = [c for c in range(5) if c != poisoned]
@@ -66,7 +66,7 @@ def test_float16_whose_squares_overflow(backend, on_device):
     rng = np.random.default_rng(3)
     x = (3000 + 300 * rng.standard_normal((16, 3, 8))).astype(np.float16)
     rm, rv = on_device(np.zeros(3, np.float32)), on_device(np.ones(3, np.float32))
-    y = to_numpy(fastbn.batch_norm_forward(on_device(x), None, None, rm, rv,
+    y = to_numpy(fastbn.batch_norm_forward(on_device(x), None, None, running_mean=rm, running_var=rv,
                                            backend=backend).y)
     assert np.isfinite(y).all() and np.isfinite(to_numpy(rv)).all()
     assert_close(y, direct_forward(x)[0], "float16")
@@ -84,7 +84,7 @@ def test_eight_threads_get_single_threaded_results(backend, on_device):
     def work(x):
         x = on_device(x)
         rm, rv = on_device(np.zeros(8, np.float32)), on_device(np.ones(8, np.float32))
-        y, mean, invstd = fastbn.batch_norm_forward(x, None, None, rm, rv, backend=backend)
+        y, mean, invstd = fastbn.batch_norm_forward(x, None, None, running_mean=rm, running_var=rv, backend=backend)
         dx = fastbn.batch_norm_backward(x, x, mean, invstd, backend=backend).dx
         return [to_numpy(a) for a in (y, dx, rm, rv)]
 
