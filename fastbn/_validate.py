@@ -329,14 +329,19 @@ def check_dtype_name(dtype):
     return name
 
 
-def check_layer_input(x, stat_dtype):
-    """A layer whose statistics are ``stat_dtype`` takes data with that statistics dtype."""
+def check_layer_input(x, stat_dtype, num_features, axis):
+    """A layer takes data with its statistics dtype and ``num_features`` channels on ``axis``."""
     check_array(x, "x")
     dtype = check_float(x, "x")
     if STAT_DTYPE[dtype] != stat_dtype:
         allowed = [d for d, s in STAT_DTYPE.items() if s == stat_dtype]
         raise TypeError(f"x: expected dtype {' or '.join(allowed)} for a layer whose "
                         f"parameters are {stat_dtype}, got {dtype}")
+    if x.ndim >= 2:  # lower ranks: canonical() says what is wrong
+        channels = x.shape[check_axis(axis, x.ndim)]
+        if channels != num_features:
+            raise ValueError(f"x: expected {num_features} channels on axis {axis} (the layer's "
+                             f"num_features), got shape {tuple(x.shape)} with {channels}")
 
 
 def state_entries(state, expected, num_features, stat_dtype):

@@ -97,7 +97,7 @@ class BatchNorm:
     # --- compute ---
     def forward(self, x):
         """Normalize ``x``; in training mode also update the running statistics."""
-        check_layer_input(x, STAT_DTYPE[self.dtype])
+        check_layer_input(x, STAT_DTYPE[self.dtype], self.num_features, self.axis)
         use_batch_stats = self.training or not self.track_running_stats
         updates = self.training and self.track_running_stats
         momentum = self.momentum

@@ -290,6 +290,7 @@ def reload_plugins(monkeypatch, tmp_path):
     """Make the registry read entry points again, from a path holding fake plugins."""
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(_registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(_registry, "_failed_plugins", {})
     yield tmp_path
     for name in ("fromplugin", "fromfactory"):
         _registry.unregister_backend(name)
@@ -314,4 +315,103 @@ def test_entry_point_plugins_load_and_broken_ones_warn(reload_plugins, x):
     assert fastbn.last_backend() == "fromplugin"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # loaded once: no second warning
-        fastbn.backends()
+        rows = {row.name: row for row in fastbn.backends()}
+    # the broken plugin is listed as unavailable, with its error ...
+    assert not rows["broken"].available
+    assert "ImportError: missing dep xyz" in rows["broken"].reason
+    # ... and asking for it by name says why, chained to the original error
+    with pytest.raises(fastbn.BackendUnavailableError, match="'broken' is unavailable: plugin "
+                       "'fastbn_broken_plugin:Whatever' failed to load: ImportError: missing "
+                       "dep xyz") as caught:
+        fastbn.batch_norm_forward(x, backend="broken")
+    assert isinstance(caught.value.__cause__, ImportError)
+    with pytest.raises(fastbn.BackendUnavailableError, match="missing dep xyz"):
+        fastbn.get_backend("broken")
+
+
+# --- the core trusts no kernel ------------------------------------------------------------
+
+class WrongLengthStats(CountingBackend):
+    def stats(self, x3):
+        mean, m2 = NumpyReference.stats(self, x3)
+        return mean[:1], m2[:1]
+
+
+class NewArrayNormalize(CountingBackend):
+    def normalize(self, x3, mean, scale, shift, y3):
+        y = np.empty_like(y3)
+        NumpyReference.normalize(self, x3, mean, scale, shift, y)
+        return y
+
+
+class CopyNormalize(CountingBackend):
+    def normalize(self, x3, mean, scale, shift, y3):
+        NumpyReference.normalize(self, x3, mean, scale, shift, np.empty_like(y3))
+
+
+class ThreeSums(CountingBackend):
+    def backward_reduce(self, dy3, x3, mean):
+        return (*NumpyReference.backward_reduce(self, dy3, x3, mean), mean)
+
+
+@pytest.mark.parametrize("broken, kernel, message", [
+    (WrongLengthStats, "stats", r"a numpy array of shape \(1,\).*expected a tuple of two "
+                                r"numpy arrays of shape \(3,\) and dtype float32"),
+    (NewArrayNormalize, "normalize", r"numpy array of shape \(4, 3, 5\).*expected None"),
+    (CopyNormalize, "normalize", r"without writing its output array"),
+])
+def test_kernel_results_are_checked_before_anything_is_written(register, x, broken, kernel,
+                                                               message):
+    register(broken("bad"))
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(fastbn.BackendContractError, match=rf"^bad\.{kernel} returned {message}"):
+        fastbn.batch_norm_forward(x, running_mean=rm, running_var=rv, backend="bad")
+    np.testing.assert_array_equal(rm, 0)  # running statistics untouched
+    np.testing.assert_array_equal(rv, 1)
+
+
+def test_backward_kernel_arity_is_checked(register, x):
+    register(ThreeSums("bad"))
+    r = fastbn.batch_norm_forward(x, backend="numpy")
+    with pytest.raises(fastbn.BackendContractError, match=r"bad\.backward_reduce returned a "
+                                                          r"tuple of 3"):
+        fastbn.batch_norm_backward(np.ones_like(x), x, r.mean, r.invstd, backend="bad")
+
+
+def test_canary_does_not_flag_nan_outputs(register):
+    """A NaN input may come out as any NaN: only finite inputs prove a missed write."""
+    register(CountingBackend("ok"))
+    x = np.full((4, 3, 5), np.nan, np.float32)
+    y = fastbn.batch_norm_forward(x, backend="ok").y
+    assert np.isnan(y).all()
+
+
+class DecliningFused(FusedBackend):
+    def forward_train(self, x3, weight, bias, eps, y3):
+        self.calls["forward_train"] += 1
+        return NotImplemented
+
+    def backward_train(self, dy3, x3, mean, invstd, weight, dx3):
+        self.calls["backward_train"] += 1
+        return NotImplemented
+
+
+def test_declined_fused_kernel_falls_back_to_the_same_backends_four(register, x):
+    b = register(DecliningFused("fused"))
+    r = fastbn.batch_norm_forward(x)
+    assert fastbn.last_backend() == "fused"
+    fastbn.batch_norm_backward(np.ones_like(x), x, r.mean, r.invstd)
+    assert fastbn.last_backend() == "fused"
+    assert b.calls["forward_train"] == 1 and b.calls["stats"] == 1 and b.calls["normalize"] == 1
+    assert b.calls["backward_train"] == 1 and b.calls["backward_reduce"] == 1
+    assert_close(r.y, direct_forward(x)[0])
+
+
+def test_running_statistics_are_keyword_only(x):
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    w, b = np.full(3, 2, np.float32), np.full(3, 5, np.float32)
+    with pytest.raises(TypeError, match="positional"):
+        fastbn.batch_norm_forward(x, rm, rv, w, b)   # torch's functional order
+    np.testing.assert_array_equal(w, 2)              # nothing written
+    with pytest.raises(TypeError, match="positional"):
+        fastbn.batch_norm_backward(x, x, rm, rv, w)  # weight is keyword-only too

@@ -137,6 +137,14 @@ def test_wrong_dtype_for_layer():
         fastbn.BatchNorm(3, momentum=2)
 
 
+def test_layer_names_its_num_features_when_channels_differ():
+    bn = fastbn.BatchNorm(3)
+    with pytest.raises(ValueError, match=r"expected 3 channels on axis 1 \(the layer's "
+                                         r"num_features\), got shape \(4, 5\)"):
+        bn(np.ones((4, 5), np.float32))
+    assert bn.num_batches_tracked == 0 and not bn.running_mean.any()
+
+
 def test_state_dict_interchanges_with_torch(batches):
     torch = pytest.importorskip("torch", reason="torch not installed")
     tbn = torch.nn.BatchNorm2d(4)

@@ -77,8 +77,8 @@ def run(backend, on_device, case, x, dy, weight, bias, running):
     rm, rv = (None if r is None else on_device(r.copy()) for r in running)
     dev = [None if a is None else on_device(a) for a in (x, dy, weight, bias)]
     y, mean, invstd = fastbn.batch_norm_forward(
-        dev[0], dev[2], dev[3], running_mean=rm, running_var=rv, training=case["training"], momentum=case["momentum"],
-        eps=case["eps"], axis=case["axis"], backend=backend)
+        dev[0], dev[2], dev[3], running_mean=rm, running_var=rv, training=case["training"],
+        momentum=case["momentum"], eps=case["eps"], axis=case["axis"], backend=backend)
     dx, dw, db = fastbn.batch_norm_backward(dev[1], dev[0], mean, invstd, weight=dev[2],
                                             training=case["training"], axis=case["axis"],
                                             backend=backend)
