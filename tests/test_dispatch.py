@@ -329,6 +329,17 @@ def test_entry_point_plugins_load_and_broken_ones_warn(reload_plugins, x):
         fastbn.get_backend("broken")
 
 
+def test_fastbn_info_shows_a_plugin_that_failed_to_load(reload_plugins, capsys):
+    _fake_distribution(reload_plugins, "fastbn_broken_plugin",
+                       "raise ImportError('missing dep xyz')\n",
+                       "broken = fastbn_broken_plugin:Whatever")
+    with pytest.warns(RuntimeWarning):
+        fastbn.show_config()
+    line = next(line for line in capsys.readouterr().out.splitlines() if "broken" in line)
+    assert "unavailable: plugin 'fastbn_broken_plugin:Whatever' failed to load: ImportError: " \
+           "missing dep xyz" in line
+
+
 # --- the core trusts no kernel ------------------------------------------------------------
 
 class WrongLengthStats(CountingBackend):
