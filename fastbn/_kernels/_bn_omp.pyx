@@ -648,8 +648,10 @@ cdef void _merge_stats(double[:, :, ::1] st, int T, double[::1] mean_out,  # IN,
             if cnt == 0:
                 a = st[t, 1, c]
             m2_t = st[t, 3, c] - st[t, 2, c] * st[t, 2, c] / n_t
+            # clamp rounding below 0 only: NaN (a NaN or inf in the channel)
+            # must pass through, never become 0 (`m2_t > 0` is false for NaN)
             fbn_chan_merge(&cnt, &off, &m2, n_t, (st[t, 1, c] - a) + st[t, 2, c] / n_t,
-                           m2_t if m2_t > 0 else 0.0)
+                           0.0 if m2_t < 0 else m2_t)
         mean_out[c] = a + off
         m2_out[c] = m2
 

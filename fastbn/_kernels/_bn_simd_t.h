@@ -315,7 +315,9 @@ FBN_FN void FBN_NAME(fbn_rows_stats_wide)(const FBN_IN_T *x, Py_ssize_t ld, Py_s
         }
     for (j = 0; j < w; j++) {
         double t1 = a1[j], mt = t1 * inv_n, m2t = a2[j] - t1 * mt, d;
-        m2t = m2t > 0 ? m2t : 0;    /* rounding only: no cancellation about the running mean */
+        /* clamp rounding only (no cancellation about the running mean); NaN,
+         * from a NaN or inf in the channel, passes through: not `m2t > 0 ? m2t : 0` */
+        m2t = m2t < 0 ? 0 : m2t;
         d = ((double)k[j] - anchor[j]) + mt - off[j];
         off[j] += d * f;
         m2[j] += m2t + d * d * g;

@@ -865,7 +865,9 @@ def _rows_stats_wide(x, ld, R, w, n_old, k, anchor, off, m2, a1, a2):
         t1 = np.float64(a1[j])
         mt = t1 * inv_n
         m2t = np.float64(a2[j]) - t1 * mt
-        m2t = m2t if m2t > 0 else 0.0  # rounding only: no cancellation about the running mean
+        # clamp rounding only (no cancellation about the running mean); NaN, from
+        # a NaN or inf in the channel, passes through (`m2t > 0` is False for NaN)
+        m2t = 0.0 if m2t < 0 else m2t
         d = (np.float64(k[j]) - anchor[j]) + mt - off[j]
         off[j] += d * f
         m2[j] += m2t + d * d * g
