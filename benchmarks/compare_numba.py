@@ -63,7 +63,7 @@ import json, sys, time
 import numpy as np
 sys.path.insert(0, {root!r})
 import fastbn
-from fastbn.backends.numba_cpu import backend as be
+from fastbn._backends.numba_cpu import backend as be
 from fastbn._kernels import bn_numba as K
 bits = lambda a: a.view(np.uint16) if a.dtype == np.float16 else a
 fastbn.set_num_threads({threads})
@@ -221,7 +221,7 @@ def load_backends():
         cy = fastbn.get_backend("cython")
     except ValueError:  # not registered by the core yet: use the adapter directly
         try:
-            from fastbn.backends.cython_omp import backend as cy
+            from fastbn._backends.cython_omp import backend as cy
         except ImportError as exc:
             print(f"(cython backend not importable: {exc})", file=sys.stderr)
             cy = None

@@ -170,7 +170,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from fastbn._kernels import _bn_omp as K
-    from fastbn.backends.cython_omp import backend as be
+    from fastbn._backends.cython_omp import backend as be
     import fastbn._threads as fthreads
 
     fthreads.set_num_threads(args.threads)

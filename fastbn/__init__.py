@@ -6,9 +6,7 @@ registered backends: a NumPy reference, Cython+OpenMP, Numba and CuPy kernels,
 and any plugin in the ``fastbn.backends`` entry-point group.
 """
 from ._version import __version__
-# The built-in backends register themselves; import the subpackage before the
-# function fastbn.backends() takes that name in this namespace.
-from . import backends as _builtin_backends  # noqa: F401 (registers)
+from . import _backends  # noqa: F401 (the built-in backends register themselves)
 from ._api import (BackwardResult, ForwardResult, batch_norm, batch_norm_backward,
                    batch_norm_forward)
 from ._config import show_config

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-cupy_gpu = importlib.import_module("fastbn.backends.cupy_gpu")
+cupy_gpu = importlib.import_module("fastbn._backends.cupy_gpu")
 
 ARCHS = ["sm_80", "sm_90"]
 

@@ -25,8 +25,8 @@ import fastbn
 from fastbn._registry import unregister_backend
 from fastbn.testing import assert_close, direct_forward, to_numpy
 
-cupy_gpu = importlib.import_module("fastbn.backends.cupy_gpu")
-ref = importlib.import_module("fastbn.backends.numpy_ref").backend
+cupy_gpu = importlib.import_module("fastbn._backends.cupy_gpu")
+ref = importlib.import_module("fastbn._backends.numpy_ref").backend
 backend = cupy_gpu.backend
 
 DTYPES = ["float16", "float32", "float64"]
@@ -38,7 +38,7 @@ def test_adapter_imports_without_importing_cupy(tmp_path):
     code = textwrap.dedent("""
         import sys
         import fastbn
-        from fastbn.backends import cupy_gpu
+        from fastbn._backends import cupy_gpu
         cupy_gpu.plan_reduce_planes(4, 3, 5, 132)
         assert "cupy" not in sys.modules, "cupy imported at module import"
     """)
@@ -320,7 +320,7 @@ def test_empty_inputs(cp):
 
 def test_selected_automatically_for_cupy_arrays(cp, rng):
     if "cupy" not in fastbn._registry._backends:
-        pytest.skip("backend 'cupy' is not registered in fastbn.backends")
+        pytest.skip("backend 'cupy' is not registered (fastbn.backends())")
     fastbn.batch_norm_forward(cp.asarray(_input(rng, (4, 3, 6), "float32")))
     assert fastbn.last_backend() == "cupy"
 

@@ -10,7 +10,7 @@ import pytest
 
 import fastbn
 from fastbn import _registry
-from fastbn.backends.numpy_ref import NumpyReference
+from fastbn._backends.numpy_ref import NumpyReference
 from fastbn.testing import assert_close, direct_forward
 
 
@@ -268,7 +268,7 @@ def test_use_backend_is_task_local(register, x):
 # --- entry points ---------------------------------------------------------------------
 
 PLUGIN = '''
-from fastbn.backends.numpy_ref import NumpyReference
+from fastbn._backends.numpy_ref import NumpyReference
 
 class PluginBackend(NumpyReference):
     name = "{name}"

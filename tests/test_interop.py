@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.backends.numpy_ref import NumpyReference
+from fastbn._backends.numpy_ref import NumpyReference
 from fastbn.testing import assert_close, direct_forward
 
 torch = pytest.importorskip("torch", reason="torch not installed (pip install fastbn[torch])")

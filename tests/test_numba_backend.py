@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.backends import numba_cpu
-from fastbn.backends.numpy_ref import backend as ref
+from fastbn._backends import numba_cpu
+from fastbn._backends.numpy_ref import backend as ref
 from fastbn.testing import assert_close
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None

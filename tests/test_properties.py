@@ -89,6 +89,7 @@ def run(backend, on_device, case, x, dy, weight, bias, running):
 
 @hypothesis.given(case=cases())
 def test_backend_matches_reference(backend, on_device, case):
+    hypothesis.assume(case["dtype"] in fastbn.get_backend(backend).dtypes)  # what it declares
     data = make(case)
     got = run(backend, on_device, case, *data)
     want = run("numpy", lambda a: a, case, *data)

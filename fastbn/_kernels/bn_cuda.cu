@@ -1,6 +1,6 @@
 // CUDA kernels of fastbn: the math on the canonical (O, C, I) view, nothing else.
 //
-// Loaded by fastbn/backends/cupy_gpu.py with cupy.RawModule (NVRTC); no host code.
+// Loaded by fastbn/_backends/cupy_gpu.py with cupy.RawModule (NVRTC); no host code.
 // Data arrays are C-contiguous (O, C, I) of T (float16 as __half, float32, float64);
 // per-channel vectors are (C,) of Acc, the statistics dtype: float for __half and
 // float, double for double. Every loaded value is converted to Acc, every result

@@ -2,7 +2,7 @@
 as ``@njit`` functions, same structure and same names.
 
 This module holds only math on C-contiguous buffers; it imports numba, so
-import it lazily (``fastbn.backends.numba_cpu`` does). Every kernel takes
+import it lazily (``fastbn._backends.numba_cpu`` does). Every kernel takes
 ``n_threads`` resolved by the caller (``fastbn._threads``), applies it with
 ``numba.set_num_threads`` (thread-local in numba, capped at
 ``numba.config.NUMBA_NUM_THREADS``) and runs without the GIL.

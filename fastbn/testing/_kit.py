@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .. import _api, _registry, _threads
-from ..backends.numpy_ref import NumpyReference
+from .._backends.numpy_ref import NumpyReference
 from .._registry import FUSED_KERNELS, REQUIRED_KERNELS, BackendContractError
 from .._validate import STAT_DTYPE, canonical, kernel_vectors, kernel_wrote
 from ._helpers import direct_backward, direct_forward, to_numpy, tolerance

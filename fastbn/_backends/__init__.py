@@ -2,10 +2,8 @@
 
 Each adapter imports its kernels (and optional dependencies) lazily, so
 registering costs nothing and a missing extra only makes a backend unavailable.
-Third-party backends register through the ``fastbn.backends`` entry-point group.
-
-(``fastbn.backends`` is also the public function listing backends; import an
-adapter as ``from fastbn.backends import numpy_ref``.)
+Third-party backends register through the ``fastbn.backends`` entry-point group;
+the public function listing them all is :func:`fastbn.backends`.
 """
 from .._registry import register_backend
 from . import cupy_gpu, cython_omp, numba_cpu, numpy_ref
