@@ -1,4 +1,4 @@
-"""Python overhead of one fastbn call, measured with a backend whose kernels do nothing.
+"""Python overhead of one fastbn call, measured with a backend whose kernels do no math.
 
     python benchmarks/overhead.py
 
@@ -16,7 +16,8 @@ from fastbn._registry import Backend
 
 
 class NullBackend(Backend):
-    """Kernels that return at once: what is left is fastbn's own overhead."""
+    """Kernels that only fill their output (the core checks it was written): what is
+    left is fastbn's own overhead."""
 
     name, priority = "null", -100
 
@@ -25,14 +26,14 @@ class NullBackend(Backend):
         return np.zeros(c, np.float32), np.ones(c, np.float32)
 
     def normalize(self, x3, mean, scale, shift, y3):
-        return None
+        y3.fill(0)
 
     def backward_reduce(self, dy3, x3, mean):
         c = x3.shape[1]
         return np.zeros(c, np.float32), np.zeros(c, np.float32)
 
     def backward_elemt(self, dy3, x3, mean, k_dy, k_x, k_c, dx3):
-        return None
+        dx3.fill(0)
 
 
 def median_us(fn, number=2000, repeat=15):

@@ -8,8 +8,8 @@ from typing import Any, NamedTuple
 from . import _registry
 from ._arrays import Interop, device_scope
 from ._registry import FUSED_KERNELS
-from ._validate import (STAT_DTYPE, canonical, channel_vector, check_array, check_canary,
-                        check_eps, check_flag, check_momentum, check_out,
+from ._validate import (STAT_DTYPE, canary_left, canonical, channel_vector, check_array,
+                        check_canary, check_eps, check_flag, check_momentum, check_out,
                         check_training_count, device_of, kernel_vectors, kernel_wrote,
                         plant_canary, running_stats)
 
@@ -64,8 +64,7 @@ def _invstd(xp, var, eps):
 
 def _reduce(be, kernel, view, *args):
     """Call a kernel that returns two (C,) vectors, and check what it returned."""
-    return kernel_vectors(getattr(be, kernel)(*args), f"{be.name}.{kernel}", view,
-                          STAT_DTYPE[view.x3.dtype.name])
+    return kernel_vectors(getattr(be, kernel)(*args), (be.name, kernel), view)
 
 
 def _fill(be, kernel, view, fresh, *args):
@@ -74,18 +73,15 @@ def _fill(be, kernel, view, fresh, *args):
     ``fresh``: the output is a buffer fastbn allocated, so a canary can show
     whether the kernel wrote it.
     """
-    where = f"{be.name}.{kernel}"
     out3 = args[-1]
     planted = fresh and plant_canary(out3)
     result = getattr(be, kernel)(*args)
     if kernel in FUSED_KERNELS:
-        result = kernel_vectors(result, where, view, STAT_DTYPE[view.x3.dtype.name])
+        result = kernel_vectors(result, (be.name, kernel), view)
     else:
-        result = kernel_wrote(result, where)
-    if planted and result is not NotImplemented:
-        data = [a for a in args[:-1] if getattr(a, "ndim", 0) == 3]
-        vectors = [a for a in args if getattr(a, "ndim", 0) == 1] + list(result or ())
-        check_canary(out3, data, vectors, where)
+        kernel_wrote(result, (be.name, kernel))
+    if planted and result is not NotImplemented and canary_left(out3):
+        check_canary(out3, args, result, (be.name, kernel))
     return result
 
 

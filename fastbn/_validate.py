@@ -241,7 +241,12 @@ def _same_memory(a, b):
 
 # --- what kernels return ----------------------------------------------------------------
 # The core trusts no kernel: a result that breaks the contract is an error naming
-# "backend.kernel" before it can reach the caller or a running statistic.
+# "backend.kernel" before it can reach the caller or a running statistic. These run
+# on every call, so the passing case is a few attribute checks; messages are built
+# only on failure. ``where`` is the pair (backend name, kernel name).
+
+_STAT_OF = {np.dtype(data): np.dtype(stat) for data, stat in STAT_DTYPE.items()}
+
 
 def _describe(value):
     if hasattr(value, "shape") and hasattr(value, "dtype"):
@@ -250,30 +255,33 @@ def _describe(value):
     return type(value).__name__
 
 
-def kernel_vectors(result, where, view, stat_dtype):
-    """A kernel's ``(a, b)`` result: two (C,) arrays of the call's library in ``stat_dtype``."""
+def kernel_vectors(result, where, view):
+    """A kernel's ``(a, b)`` result: two (C,) arrays of the call's library in the stat dtype."""
     if result is NotImplemented:
         return result
-    c = view.x3.shape[1]
-    expected = (f"a tuple of two {view.xp.__name__} arrays of shape ({c},) and dtype "
-                f"{stat_dtype} (or NotImplemented)")
-    if not isinstance(result, tuple) or len(result) != 2:
+    shape, stat = (view.x3.shape[1],), _STAT_OF[view.x3.dtype]
+    array = np.ndarray if view.xp is np else view.xp.ndarray
+    if isinstance(result, tuple) and len(result) == 2 and all(
+            isinstance(v, array) and v.shape == shape and v.dtype == stat for v in result):
+        return result
+    expected = (f"a tuple of two {view.xp.__name__} arrays of shape {shape} and dtype {stat} "
+                f"(or NotImplemented)")
+    if isinstance(result, tuple) and len(result) == 2:
+        got = next(_describe(v) for v in result
+                   if not (isinstance(v, array) and v.shape == shape and v.dtype == stat))
+        got = f"a {got}"
+    else:
         got = f"a tuple of {len(result)}" if isinstance(result, tuple) else _describe(result)
-        raise BackendContractError(f"{where} returned {got}; expected {expected}")
-    for v in result:
-        if (array_module(v) is not view.xp or tuple(v.shape) != (c,)
-                or v.dtype.name != stat_dtype):
-            raise BackendContractError(f"{where} returned a {_describe(v)}; expected {expected}")
-    return result
+    raise BackendContractError(f"{where[0]}.{where[1]} returned {got}; expected {expected}")
 
 
 def kernel_wrote(result, where):
     """An element-wise kernel writes its output in place and returns None (or NotImplemented)."""
     if result is None or result is NotImplemented:
         return result
-    raise BackendContractError(f"{where} returned {_describe(result)}; expected None (the "
-                               f"result written into its output array in place) or "
-                               f"NotImplemented")
+    raise BackendContractError(f"{where[0]}.{where[1]} returned {_describe(result)}; expected "
+                               f"None (the result written into its output array in place) "
+                               f"or NotImplemented")
 
 
 # Quiet NaNs with a payload that arithmetic on finite values never makes (invalid
@@ -281,31 +289,45 @@ def kernel_wrote(result, where):
 # fastbn allocated: a kernel that leaves one behind did not write its output.
 _CANARY = {np.dtype(np.float16): np.uint16(0x7E5B), np.dtype(np.float32): np.uint32(0x7FE5A5A5),
            np.dtype(np.float64): np.uint64(0x7FFDA5A5A5A5A5A5)}
+_ENDS = ((0, 0, 0), (-1, -1, -1))
 
 
-def plant_canary(a3):
-    """Mark both ends of a fresh host output buffer; returns whether it did."""
-    if a3.size == 0 or not isinstance(a3, np.ndarray):
+def plant_canary(out3):
+    """Mark both ends of a fresh host (O, C, I) output buffer; returns whether it did."""
+    if not isinstance(out3, np.ndarray) or out3.size == 0:
         return False  # device buffers: checking would synchronise the stream
-    bits = a3.reshape(-1).view(_CANARY[a3.dtype].dtype)
-    bits[0] = bits[-1] = _CANARY[a3.dtype]
+    canary = _CANARY[out3.dtype]
+    bits = out3.view(canary.dtype)
+    bits[_ENDS[0]] = bits[_ENDS[1]] = canary
     return True
 
 
-def check_canary(out3, inputs, vectors, where):
-    """Raise if a planted canary survived where finite inputs must have overwritten it."""
+def canary_left(out3):
     canary = _CANARY[out3.dtype]
-    bits = out3.reshape(-1).view(canary.dtype)
-    for flat, channel in ((0, 0), (out3.size - 1, out3.shape[1] - 1)):
-        if bits[flat] != canary:
+    bits = out3.view(canary.dtype)
+    return bits[_ENDS[0]] == canary or bits[_ENDS[1]] == canary
+
+
+def check_canary(out3, args, result, where):
+    """After :func:`canary_left`: raise unless non-finite inputs can explain the canary.
+
+    ``args`` are the kernel's arguments (the output last), ``result`` what it returned.
+    """
+    canary = _CANARY[out3.dtype]
+    bits = out3.view(canary.dtype)
+    data = [a for a in args[:-1] if getattr(a, "ndim", 0) == 3]
+    vectors = [a for a in args if getattr(a, "ndim", 0) == 1] + list(result or ())
+    for end in _ENDS:
+        if bits[end] != canary:
             continue
-        finite = all(np.isfinite(a.reshape(-1)[flat]) for a in inputs) and all(
+        channel = end[1]
+        finite = all(np.isfinite(a[end]) for a in data) and all(
             np.isfinite(v[channel]) for v in vectors)
         if finite:  # NaN inputs may carry any payload: only finite ones prove it
             raise BackendContractError(
-                f"{where} returned without writing its output array (element {flat} of the "
-                f"canonical view kept the value fastbn planted there); kernels must write "
-                f"y3/dx3 in place, not a copy")
+                f"{where[0]}.{where[1]} returned without writing its output array (its "
+                f"{'first' if end[0] == 0 else 'last'} element kept the value fastbn planted "
+                f"there); kernels must write y3/dx3 in place, not a copy")
 
 
 # --- the layer -----------------------------------------------------------------------

@@ -159,12 +159,12 @@ class _Context:
                                          f"{out.size} output values; a kernel declines before "
                                          f"it writes anything")
             return NotImplemented
-        where = f"{self.backend.name}.{kernel}"
+        where = (self.backend.name, kernel)
         try:
             if kernel in _WRITES and kernel not in FUSED_KERNELS:
                 kernel_wrote(result, where)
             else:
-                kernel_vectors(result, where, canonical(x3, 1), self.stat)
+                kernel_vectors(result, where, canonical(x3, 1))
         except BackendContractError as exc:
             self.fail(kernel, shape, str(exc))
         self.served[kernel] = self.served.get(kernel, 0) + 1
