@@ -10,13 +10,14 @@ from . import _backends  # noqa: F401 (the built-in backends register themselves
 from ._api import (BackwardResult, ForwardResult, batch_norm, batch_norm_backward,
                    batch_norm_forward)
 from ._config import show_config
-from ._registry import (Backend, BackendContractError, BackendInfo, BackendUnavailableError,
-                        backends, get_backend, last_backend, register_backend, use_backend)
+from ._registry import (ArgumentError, ArgumentTypeError, Backend, BackendContractError,
+                        BackendInfo, BackendUnavailableError, backends, get_backend,
+                        last_backend, register_backend, use_backend)
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .layer import BatchNorm
 
 __all__ = [
-    "Backend", "BackendContractError", "BackendInfo", "BackendUnavailableError", "BackwardResult", "BatchNorm",
+    "ArgumentError", "ArgumentTypeError", "Backend", "BackendContractError", "BackendInfo", "BackendUnavailableError", "BackwardResult", "BatchNorm",
     "ForwardResult", "__version__", "backends", "batch_norm", "batch_norm_backward",
     "batch_norm_forward", "get_backend", "get_num_threads", "last_backend", "num_threads",
     "register_backend", "set_num_threads", "show_config", "use_backend",

@@ -8,10 +8,10 @@ from typing import Any, NamedTuple
 from . import _registry
 from ._arrays import Interop, device_scope
 from ._registry import FUSED_KERNELS
-from ._validate import (STAT_DTYPE, canary_left, canonical, channel_vector, check_array,
-                        check_canary, check_eps, check_flag, check_momentum, check_out,
-                        check_training_count, device_of, kernel_vectors, kernel_wrote,
-                        plant_canary, running_stats)
+from ._validate import (STAT_DTYPE, canary_left, canonical, channel_vector, check_canary,
+                        check_eps, check_flag, check_like_x, check_momentum, check_out,
+                        check_training_count, device_of, kernel_vectors,
+                        kernel_wrote, plant_canary, required_channel_vector, running_stats)
 
 _FLOATS = frozenset(STAT_DTYPE)
 
@@ -225,25 +225,33 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     """Validate, view, dispatch and update running statistics; returns (y, mean, invstd)."""
     view = canonical(x, axis)
     training = check_flag(training, "training")
-    momentum = check_momentum(momentum)
     eps = check_eps(eps)
     dtype = view.x3.dtype.name
     stat = STAT_DTYPE[dtype]
     weight = channel_vector(weight, "weight", view, {dtype, stat}, stat)
     bias = channel_vector(bias, "bias", view, {dtype, stat}, stat)
-    running_stats(running_mean, running_var, view, stat, training)
+    running_stats(running_mean, running_var, view, {dtype, stat}, training)
+    updates = training and running_mean is not None
+    if updates:  # checked only where it is used, as PyTorch does
+        momentum = check_momentum(momentum)
     if training:
         check_training_count(view)
     # Write straight into out when its memory is the canonical layout, else
     # into a buffer copied to out once the call has succeeded.
     y3 = check_out(out, x, view) if out is not None else None
+    xp, c = view.xp, view.x3.shape[1]
+    if view.x3.size == 0:  # an empty batch: empty y in x's memory layout, statistics untouched
+        y = out if out is not None else xp.empty_like(x)
+        if training:
+            nan = xp.full(c, xp.nan, dtype=stat)
+            return y, nan, nan.copy()
+        return (y, *_running_statistics(xp, running_mean, running_var, eps, stat))
     staged = None
     fresh = y3 is None  # fastbn's own buffer, not the caller's memory
     if fresh:
         y3, staged = view.empty()
     y = staged if out is None else out
 
-    xp, c = view.xp, view.x3.shape[1]
     if weight is None:
         weight = xp.ones(c, dtype=stat)
     if bias is None:
@@ -253,15 +261,14 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         mean, m2, invstd = _registry.dispatch(
             device, dtype, view.family, backend,
             lambda be: _train_forward(be, view, weight, bias, eps, y3, fresh))
-        if running_mean is not None:
+        if updates:  # in the stat dtype; stored in the running statistics' own dtype
             n = view.count
-            new_mean = (1.0 - momentum) * running_mean + momentum * mean
-            new_var = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
+            new_mean = (1.0 - momentum) * running_mean.astype(stat) + momentum * mean
+            new_var = (1.0 - momentum) * running_var.astype(stat) + momentum * (m2 / (n - 1))
             running_mean[...] = new_mean
             running_var[...] = new_var
     else:
-        mean = xp.array(running_mean, dtype=stat)
-        invstd = _invstd(xp, running_var, eps).astype(stat, copy=False)
+        mean, invstd = _running_statistics(xp, running_mean, running_var, eps, stat)
         scale = weight * invstd
         _registry.dispatch(device, dtype, view.family, backend,
                            lambda be: _fill(be, "normalize", view, fresh, view.x3, mean, scale,
@@ -269,6 +276,12 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     if out is not None and staged is not None:
         out[...] = staged
     return y, mean, invstd
+
+
+def _running_statistics(xp, running_mean, running_var, eps, stat):
+    """(mean, invstd) of inference, in the stat dtype whatever the running statistics' dtype."""
+    mean = xp.array(running_mean, dtype=stat)
+    return mean, _invstd(xp, running_var.astype(stat), eps).astype(stat, copy=False)
 
 
 def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis=1,
@@ -326,21 +339,18 @@ def _backward(dy, x, mean, invstd, weight, training, axis, backend):
     view = canonical(x, axis)
     training = check_flag(training, "training")
     xp = view.xp
-    check_array(dy, "dy", xp)
-    if tuple(dy.shape) != view.shape:
-        raise ValueError(f"dy: expected shape {view.shape} like x, got {tuple(dy.shape)}")
-    if dy.dtype != view.x3.dtype:
-        raise TypeError(f"dy: expected dtype {view.x3.dtype.name} like x, got {dy.dtype.name}")
+    check_like_x(dy, "dy", view)
     dtype = view.x3.dtype.name
     stat = STAT_DTYPE[dtype]
-    mean = channel_vector(mean, "mean", view, _FLOATS, stat)
-    invstd = channel_vector(invstd, "invstd", view, _FLOATS, stat)
-    if mean is None or invstd is None:
-        missing = "mean" if mean is None else "invstd"
-        raise TypeError(f"{missing}: expected an array of shape ({view.x3.shape[1]},), got None")
+    mean = required_channel_vector(mean, "mean", view, _FLOATS, stat)
+    invstd = required_channel_vector(invstd, "invstd", view, _FLOATS, stat)
     weight = channel_vector(weight, "weight", view, {dtype, stat}, stat)
+    c = view.x3.shape[1]
+    if view.x3.size == 0:  # an empty batch: empty dx, zero gradients for weight and bias
+        zeros = xp.zeros(c, dtype=stat)
+        return xp.empty_like(x), zeros, zeros.copy()
     if weight is None:
-        weight = xp.ones(view.x3.shape[1], dtype=stat)
+        weight = xp.ones(c, dtype=stat)
     dy3 = view.like(dy)
     dx3, dx = view.empty()
     compose = _train_backward if training else _eval_backward

@@ -26,6 +26,18 @@ class BackendUnavailableError(RuntimeError):
     device or dtype, or it declined); the message says which and why."""
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """An argument of a batch-norm call has a wrong shape or value; the message names it.
+
+    Also a ``RuntimeError``, the class PyTorch raises for the same mistakes, so code
+    written against ``torch.nn.functional.batch_norm`` catches it unchanged."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of a batch-norm call has a wrong type or dtype; the message names it.
+    Also a ``RuntimeError``, as :class:`ArgumentError`."""
+
+
 class BackendContractError(RuntimeError):
     """A backend's kernel broke the kernel contract (returned the wrong arity, shape or
     dtype, or did not write its output in place); the message names ``backend.kernel``.
@@ -113,27 +125,27 @@ _last = threading.local()
 
 def _check_protocol(backend):
     if inspect.isclass(backend):
-        raise TypeError(f"backend: expected a backend instance, got the class {backend.__name__}; "
+        raise ArgumentTypeError(f"backend: expected a backend instance, got the class {backend.__name__}; "
                         f"pass {backend.__name__}()")
     name = getattr(backend, "name", None)
     if not isinstance(name, str) or not name:
-        raise TypeError(f"backend: expected a non-empty str attribute 'name', got {name!r}")
+        raise ArgumentTypeError(f"backend: expected a non-empty str attribute 'name', got {name!r}")
     for attr in ("devices", "dtypes"):
         value = getattr(backend, attr, None)
         if not isinstance(value, (set, frozenset)) or not value:
-            raise TypeError(f"backend {name!r}: attribute {attr!r} must be a non-empty set, "
+            raise ArgumentTypeError(f"backend {name!r}: attribute {attr!r} must be a non-empty set, "
                             f"got {value!r}")
     priority = getattr(backend, "priority", None)
     if isinstance(priority, bool) or not isinstance(priority, int):
-        raise TypeError(f"backend {name!r}: attribute 'priority' must be an int, got {priority!r}")
+        raise ArgumentTypeError(f"backend {name!r}: attribute 'priority' must be an int, got {priority!r}")
     missing = [k for k in REQUIRED_KERNELS + ("is_available",)
                if not callable(getattr(backend, k, None))]
     if missing:
-        raise TypeError(f"backend {name!r}: missing required method(s) {', '.join(missing)}")
+        raise ArgumentTypeError(f"backend {name!r}: missing required method(s) {', '.join(missing)}")
     for k in FUSED_KERNELS:
         fused = getattr(backend, k, None)
         if fused is not None and not callable(fused):
-            raise TypeError(f"backend {name!r}: optional {k!r} must be callable or None")
+            raise ArgumentTypeError(f"backend {name!r}: optional {k!r} must be callable or None")
 
 
 def register_backend(backend, *, replace=False):
@@ -159,7 +171,7 @@ def register_backend(backend, *, replace=False):
     _check_protocol(backend)
     with _lock:
         if backend.name in _backends and not replace:
-            raise ValueError(f"backend: a backend named {backend.name!r} is already registered; "
+            raise ArgumentError(f"backend: a backend named {backend.name!r} is already registered; "
                              f"pass replace=True to replace it")
         _backends[backend.name] = backend
         _availability.pop(backend.name, None)
@@ -252,9 +264,9 @@ def get_backend(name):
         if name in _failed_plugins:
             reason, exc = _failed_plugins[name]
             raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}") from exc
-        raise ValueError(f"backend: unknown backend {name!r}; registered: "
+        raise ArgumentError(f"backend: unknown backend {name!r}; registered: "
                          f"{', '.join(sorted(registry)) or 'none'}")
-    raise TypeError(f"backend: expected a backend name (str), got {type(name).__name__}")
+    raise ArgumentTypeError(f"backend: expected a backend name (str), got {type(name).__name__}")
 
 
 def _resolve(requested):

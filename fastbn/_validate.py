@@ -14,11 +14,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._registry import BackendContractError
+from ._registry import ArgumentError, ArgumentTypeError, BackendContractError
 
 # data dtype -> dtype of saved and running statistics (and of kernel vectors)
-STAT_DTYPE = {"float16": "float32", "float32": "float32", "float64": "float64"}
-_FLOAT_NAMES = "float16, float32 or float64"
+STAT_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32",
+              "float64": "float64"}
+_FLOAT_NAMES = "float16, bfloat16, float32 or float64"
 
 
 class Canonical(NamedTuple):
@@ -93,8 +94,8 @@ def check_array(a, name, xp=None):
         return mod
     got = f"{type(a).__module__}.{type(a).__qualname__}".replace("builtins.", "")
     if xp is None:
-        raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got {got}")
-    raise TypeError(f"{name}: expected a {xp.__name__} array like x, got {got} "
+        raise ArgumentTypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got {got}")
+    raise ArgumentTypeError(f"{name}: expected a {xp.__name__} array like x, got {got} "
                     f"(one array library per call; fastbn never moves data between devices)")
 
 
@@ -102,13 +103,13 @@ def check_float(a, name):
     """``a.dtype`` must be float16/32/64; returns the dtype name."""
     dtype = a.dtype.name
     if dtype not in STAT_DTYPE:
-        raise TypeError(f"{name}: expected dtype {_FLOAT_NAMES}, got {dtype}")
+        raise ArgumentTypeError(f"{name}: expected dtype {_FLOAT_NAMES}, got {dtype}")
     return dtype
 
 
 def check_writable(a, name):
     if not a.flags.writeable:
-        raise ValueError(f"{name}: expected a writable array, got a read-only one")
+        raise ArgumentError(f"{name}: expected a writable array, got a read-only one")
 
 
 # --- scalars -------------------------------------------------------------------
@@ -117,38 +118,38 @@ def check_axis(axis, ndim):
     try:
         axis = operator.index(axis)
     except TypeError:
-        raise TypeError(f"axis: expected an int, got {type(axis).__name__}") from None
+        raise ArgumentTypeError(f"axis: expected an int, got {type(axis).__name__}") from None
     if isinstance(axis, bool):
-        raise TypeError("axis: expected an int, got bool")
+        raise ArgumentTypeError("axis: expected an int, got bool")
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis: expected an int in [{-ndim}, {ndim - 1}] for a {ndim}-D x, "
+        raise ArgumentError(f"axis: expected an int in [{-ndim}, {ndim - 1}] for a {ndim}-D x, "
                          f"got {axis}")
     return axis % ndim
 
 
 def _real(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name}: expected a real number, got {type(value).__name__}")
     return float(value)
 
 
 def check_eps(eps):
     eps = _real(eps, "eps")
     if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+        raise ArgumentError(f"eps: expected a finite number > 0, got {eps!r}")
     return eps
 
 
 def check_momentum(momentum):
     momentum = _real(momentum, "momentum")
     if not 0.0 <= momentum <= 1.0:  # also rejects NaN
-        raise ValueError(f"momentum: expected a number in [0, 1], got {momentum!r}")
+        raise ArgumentError(f"momentum: expected a number in [0, 1], got {momentum!r}")
     return momentum
 
 
 def check_flag(value, name):
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return bool(value)
 
 
@@ -159,7 +160,7 @@ def canonical(x, axis):
     xp = check_array(x, "x")
     check_float(x, "x")
     if x.ndim < 2:
-        raise ValueError(f"x: expected an array of rank >= 2 (N, C, ...), got shape {x.shape}")
+        raise ArgumentError(f"x: expected an array of rank >= 2 (N, C, ...), got shape {x.shape}")
     axis = check_axis(axis, x.ndim)
     shape = tuple(x.shape)
     c = shape[axis]
@@ -175,42 +176,63 @@ def canonical(x, axis):
 
 
 def check_training_count(view):
-    if view.count <= 1:
-        raise ValueError(f"x: expected more than 1 value per channel when training, got "
+    """More than one value per channel, or none at all (an empty batch), as PyTorch."""
+    if view.count == 1:
+        raise ArgumentError(f"x: expected more than 1 value per channel when training, got "
                          f"shape {view.shape} with axis={view.axis} "
                          f"({view.count} value(s) per channel)")
 
 
 def channel_vector(v, name, view, dtypes, stat_dtype):
-    """A per-channel (C,) vector of one of ``dtypes``, returned contiguous in ``stat_dtype``."""
+    """A per-channel (C,) vector of one of ``dtypes``, returned contiguous in ``stat_dtype``
+    (None: in its own dtype)."""
     if v is None:
         return None
     xp = view.xp
     check_array(v, name, xp)
     c = view.x3.shape[1]
     if v.shape != (c,):
-        raise ValueError(f"{name}: expected shape ({c},) (one value per channel of x), "
+        raise ArgumentError(f"{name}: expected shape ({c},) (one value per channel of x), "
                          f"got {tuple(v.shape)}")
     if v.dtype.name not in dtypes:
-        raise TypeError(f"{name}: expected dtype {' or '.join(sorted(dtypes))} for "
+        raise ArgumentTypeError(f"{name}: expected dtype {' or '.join(sorted(dtypes))} for "
                         f"{view.x3.dtype.name} x, got {v.dtype.name}")
     return xp.ascontiguousarray(v, dtype=stat_dtype)
 
 
-def running_stats(running_mean, running_var, view, stat_dtype, training):
-    """Check the running statistics: both or neither, (C,), stat dtype, writable when updated."""
+def required_channel_vector(v, name, view, dtypes, stat_dtype):
+    """:func:`channel_vector` for an argument that may not be None."""
+    if v is None:
+        raise ArgumentTypeError(f"{name}: expected an array of shape ({view.x3.shape[1]},), "
+                                f"got None")
+    return channel_vector(v, name, view, dtypes, stat_dtype)
+
+
+def check_like_x(a, name, view):
+    """``a`` (e.g. dy) must be an array of x's library, shape and dtype."""
+    check_array(a, name, view.xp)
+    if tuple(a.shape) != view.shape:
+        raise ArgumentError(f"{name}: expected shape {view.shape} like x, got {tuple(a.shape)}")
+    if a.dtype != view.x3.dtype:
+        raise ArgumentTypeError(f"{name}: expected dtype {view.x3.dtype.name} like x, got "
+                                f"{a.dtype.name}")
+
+
+def running_stats(running_mean, running_var, view, dtypes, training):
+    """Check the running statistics: both or neither, (C,), one of ``dtypes`` (the stat dtype
+    or x's, as a ``model.half()`` keeps them), writable when updated."""
     if (running_mean is None) != (running_var is None):
         given, missing = (("running_mean", "running_var") if running_var is None
                           else ("running_var", "running_mean"))
-        raise ValueError(f"{missing}: expected an array since {given} is given "
+        raise ArgumentError(f"{missing}: expected an array since {given} is given "
                          f"(running statistics come in pairs), got None")
     if running_mean is None:
         if not training:
-            raise ValueError("running_mean: expected arrays running_mean and running_var "
+            raise ArgumentError("running_mean: expected arrays running_mean and running_var "
                              "when training=False (inference uses running statistics), got None")
         return
     for v, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        channel_vector(v, name, view, (stat_dtype,), stat_dtype)
+        channel_vector(v, name, view, dtypes, None)
         if training:
             check_writable(v, name)
 
@@ -220,12 +242,12 @@ def check_out(out, x, view):
     xp = view.xp
     check_array(out, "out", xp)
     if tuple(out.shape) != view.shape:
-        raise ValueError(f"out: expected shape {view.shape} like x, got {tuple(out.shape)}")
+        raise ArgumentError(f"out: expected shape {view.shape} like x, got {tuple(out.shape)}")
     if out.dtype != x.dtype:
-        raise TypeError(f"out: expected dtype {x.dtype.name} like x, got {out.dtype.name}")
+        raise ArgumentTypeError(f"out: expected dtype {x.dtype.name} like x, got {out.dtype.name}")
     check_writable(out, "out")
     if xp.may_share_memory(out, x) and not _same_memory(out, x):
-        raise ValueError("out: overlaps x without being x itself; pass out=x to normalize "
+        raise ArgumentError("out: overlaps x without being x itself; pass out=x to normalize "
                          "in place, or a separate array")
     # out is x itself: elementwise kernels read each value before writing it
     return view.view(out)
@@ -245,7 +267,7 @@ def _same_memory(a, b):
 # on every call, so the passing case is a few attribute checks; messages are built
 # only on failure. ``where`` is the pair (backend name, kernel name).
 
-_STAT_OF = {np.dtype(data): np.dtype(stat) for data, stat in STAT_DTYPE.items()}
+_STAT_OF = {data: np.dtype(stat) for data, stat in STAT_DTYPE.items()}  # by dtype name
 
 
 def _describe(value):
@@ -259,7 +281,7 @@ def kernel_vectors(result, where, view):
     """A kernel's ``(a, b)`` result: two (C,) arrays of the call's library in the stat dtype."""
     if result is NotImplemented:
         return result
-    shape, stat = (view.x3.shape[1],), _STAT_OF[view.x3.dtype]
+    shape, stat = (view.x3.shape[1],), _STAT_OF[view.x3.dtype.name]
     array = np.ndarray if view.xp is np else view.xp.ndarray
     if isinstance(result, tuple) and len(result) == 2 and all(
             isinstance(v, array) and v.shape == shape and v.dtype == stat for v in result):
@@ -287,8 +309,8 @@ def kernel_wrote(result, where):
 # Quiet NaNs with a payload that arithmetic on finite values never makes (invalid
 # operations give the default NaN), planted at both ends of an output buffer that
 # fastbn allocated: a kernel that leaves one behind did not write its output.
-_CANARY = {np.dtype(np.float16): np.uint16(0x7E5B), np.dtype(np.float32): np.uint32(0x7FE5A5A5),
-           np.dtype(np.float64): np.uint64(0x7FFDA5A5A5A5A5A5)}
+_CANARY = {"float16": np.uint16(0x7E5B), "bfloat16": np.uint16(0x7FE5),
+           "float32": np.uint32(0x7FE5A5A5), "float64": np.uint64(0x7FFDA5A5A5A5A5A5)}
 _ENDS = ((0, 0, 0), (-1, -1, -1))
 
 
@@ -296,14 +318,14 @@ def plant_canary(out3):
     """Mark both ends of a fresh host (O, C, I) output buffer; returns whether it did."""
     if not isinstance(out3, np.ndarray) or out3.size == 0:
         return False  # device buffers: checking would synchronise the stream
-    canary = _CANARY[out3.dtype]
+    canary = _CANARY[out3.dtype.name]
     bits = out3.view(canary.dtype)
     bits[_ENDS[0]] = bits[_ENDS[1]] = canary
     return True
 
 
 def canary_left(out3):
-    canary = _CANARY[out3.dtype]
+    canary = _CANARY[out3.dtype.name]
     bits = out3.view(canary.dtype)
     return bits[_ENDS[0]] == canary or bits[_ENDS[1]] == canary
 
@@ -313,7 +335,7 @@ def check_canary(out3, args, result, where):
 
     ``args`` are the kernel's arguments (the output last), ``result`` what it returned.
     """
-    canary = _CANARY[out3.dtype]
+    canary = _CANARY[out3.dtype.name]
     bits = out3.view(canary.dtype)
     data = [a for a in args[:-1] if getattr(a, "ndim", 0) == 3]
     vectors = [a for a in args if getattr(a, "ndim", 0) == 1] + list(result or ())
@@ -334,20 +356,28 @@ def check_canary(out3, args, result, where):
 
 def check_num_features(num_features):
     if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
-        raise TypeError(f"num_features: expected a positive int, got "
+        raise ArgumentTypeError(f"num_features: expected a positive int, got "
                         f"{type(num_features).__name__}")
     if num_features < 1:
-        raise ValueError(f"num_features: expected a positive int, got {num_features}")
+        raise ArgumentError(f"num_features: expected a positive int, got {num_features}")
     return int(num_features)
+
+
+def numpy_dtype(name):
+    """The NumPy dtype called ``name``; ``"bfloat16"`` is ml_dtypes' (imported on demand)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def check_dtype_name(dtype):
     try:
-        name = np.dtype(dtype).name
+        name = dtype if dtype == "bfloat16" else np.dtype(dtype).name
     except TypeError:
-        raise TypeError(f"dtype: expected {_FLOAT_NAMES}, got {dtype!r}") from None
+        raise ArgumentTypeError(f"dtype: expected {_FLOAT_NAMES}, got {dtype!r}") from None
     if name not in STAT_DTYPE:
-        raise TypeError(f"dtype: expected {_FLOAT_NAMES}, got {name}")
+        raise ArgumentTypeError(f"dtype: expected {_FLOAT_NAMES}, got {name}")
     return name
 
 
@@ -357,37 +387,37 @@ def check_layer_input(x, stat_dtype, num_features, axis):
     dtype = check_float(x, "x")
     if STAT_DTYPE[dtype] != stat_dtype:
         allowed = [d for d, s in STAT_DTYPE.items() if s == stat_dtype]
-        raise TypeError(f"x: expected dtype {' or '.join(allowed)} for a layer whose "
+        raise ArgumentTypeError(f"x: expected dtype {' or '.join(allowed)} for a layer whose "
                         f"parameters are {stat_dtype}, got {dtype}")
     if x.ndim >= 2:  # lower ranks: canonical() says what is wrong
         channels = x.shape[check_axis(axis, x.ndim)]
         if channels != num_features:
-            raise ValueError(f"x: expected {num_features} channels on axis {axis} (the layer's "
+            raise ArgumentError(f"x: expected {num_features} channels on axis {axis} (the layer's "
                              f"num_features), got shape {tuple(x.shape)} with {channels}")
 
 
 def state_entries(state, expected, num_features, stat_dtype):
     """Check a state dict against the layer's keys; return {key: numpy array} to copy in."""
     if not hasattr(state, "keys"):
-        raise TypeError(f"state_dict: expected a mapping, got {type(state).__name__}")
+        raise ArgumentTypeError(f"state_dict: expected a mapping, got {type(state).__name__}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"state_dict: expected keys {sorted(expected)}, "
+        raise ArgumentError(f"state_dict: expected keys {sorted(expected)}, "
                          f"missing {missing}, unexpected {unexpected}")
     entries = {}
     for key in expected:
         value = np.asarray(state[key])
         if key == "num_batches_tracked":
             if value.shape != () or value.dtype.kind not in "iu":
-                raise ValueError(f"state_dict['num_batches_tracked']: expected an integer "
+                raise ArgumentError(f"state_dict['num_batches_tracked']: expected an integer "
                                  f"scalar, got {value.dtype} of shape {value.shape}")
             entries[key] = int(value)
             continue
         if value.shape != (num_features,):
-            raise ValueError(f"state_dict[{key!r}]: expected shape ({num_features},), "
+            raise ArgumentError(f"state_dict[{key!r}]: expected shape ({num_features},), "
                              f"got {value.shape}")
         if value.dtype.kind != "f":
-            raise TypeError(f"state_dict[{key!r}]: expected a floating array, got {value.dtype}")
+            raise ArgumentTypeError(f"state_dict[{key!r}]: expected a floating array, got {value.dtype}")
         entries[key] = value.astype(stat_dtype)
     return entries

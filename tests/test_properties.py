@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn._validate import STAT_DTYPE
+from fastbn._validate import STAT_DTYPE, numpy_dtype
 from fastbn.testing import assert_close, direct_forward, mean_rounding, to_numpy
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed")
@@ -44,7 +44,7 @@ def cases(draw):
         hypothesis.assume(math.prod(shape) // shape[axis] > 1)
     return dict(
         shape=shape, axis=axis, training=training,
-        dtype=draw(st.sampled_from(["float16", "float32", "float64"])),
+        dtype=draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"])),
         momentum=draw(st.floats(0.0, 1.0)),
         eps=10.0 ** draw(st.floats(-6, -1)),
         affine=draw(st.booleans()),
@@ -62,9 +62,9 @@ def make(case):
     bshape = [1] * len(shape)
     bshape[axis] = c
     channel_loc = case["loc"] + rng.uniform(-1, 1, c).reshape(bshape)
-    x = (rng.standard_normal(shape) * case["scale"] + channel_loc).astype(dtype)
+    x = (rng.standard_normal(shape) * case["scale"] + channel_loc).astype(numpy_dtype(dtype))
     x = lay_out(x, case["memory"], rng)
-    dy = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(numpy_dtype(dtype))
     weight = rng.uniform(0.5, 1.5, c).astype(stat) if case["affine"] else None
     bias = rng.normal(size=c).astype(stat) if case["affine"] else None
     running = ((case["loc"] + rng.normal(size=c)).astype(stat),

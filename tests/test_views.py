@@ -42,3 +42,44 @@ def test_float16_parameters_accepted(rng):
     w, b = rng.uniform(0.5, 1.5, c).astype(np.float16), rng.normal(size=c).astype(np.float16)
     y = fastbn.batch_norm_forward(x, w, b).y
     assert_close(y, direct_forward(x, w, b)[0], "float16")
+
+
+def test_empty_batch_is_an_empty_result_as_in_torch(rng):
+    """PyTorch returns an empty output (zero gradients) and leaves running statistics alone."""
+    rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    for training in (True, False):
+        x = np.empty((0, 3, 4), np.float32)
+        y, mean, invstd = fastbn.batch_norm_forward(x, running_mean=rm, running_var=rv,
+                                                    training=training)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        np.testing.assert_array_equal(rm, 0.5)
+        np.testing.assert_array_equal(rv, 2.0)
+        assert np.isnan(mean).all() if training else (mean == 0.5).all()
+        dx, dw, db = fastbn.batch_norm_backward(x, x, mean, invstd, training=training)
+        assert dx.shape == x.shape and not dw.any() and not db.any()
+
+
+def test_one_value_per_channel_still_raises_when_training():
+    with np.testing.assert_raises(ValueError):
+        fastbn.batch_norm_forward(np.ones((1, 3), np.float32))
+    fastbn.batch_norm_forward(np.ones((1, 3), np.float32), running_mean=np.zeros(3, np.float32),
+                              running_var=np.ones(3, np.float32), training=False)
+
+
+def test_running_statistics_in_the_data_dtype(rng):
+    """A model.half() keeps float16 running statistics: updated in float32, stored in float16."""
+    x = rng.normal(2.0, 3.0, (16, 3, 5)).astype(np.float16)
+    rm, rv = np.zeros(3, np.float16), np.ones(3, np.float16)
+    fastbn.batch_norm_forward(x, running_mean=rm, running_var=rv, momentum=0.5)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(rm, 0.5 * x64.mean(axis=(0, 2)), rtol=2e-3)
+    np.testing.assert_allclose(rv, 0.5 + 0.5 * x64.var(axis=(0, 2), ddof=1), rtol=2e-3)
+    assert rm.dtype == np.float16
+
+
+def test_momentum_is_checked_only_where_it_is_used():
+    x = np.ones((4, 3), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    fastbn.batch_norm(x, rm, rv, training=False, momentum=5.0)   # eval: unused, as torch
+    with np.testing.assert_raises(ValueError):
+        fastbn.batch_norm(x, rm, rv, training=True, momentum=5.0)

@@ -7,8 +7,8 @@ import numpy as np
 
 from .._registry import Backend
 
-_STAT = {np.dtype(np.float16): np.float32, np.dtype(np.float32): np.float32,
-         np.dtype(np.float64): np.float64}
+_STAT = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32,
+         "float64": np.float64}
 
 
 def _per_channel(v):
@@ -20,13 +20,13 @@ class NumpyReference(Backend):
     name = "numpy"
     priority = 0
     devices = frozenset({"cpu"})
-    dtypes = frozenset({"float16", "float32", "float64"})
+    dtypes = frozenset({"float16", "bfloat16", "float32", "float64"})
 
     def stats(self, x3):
         x = x3.astype(np.float64)
         mean = x.mean(axis=(0, 2))
         m2 = np.square(x - _per_channel(mean)).sum(axis=(0, 2))
-        stat = _STAT[x3.dtype]
+        stat = _STAT[x3.dtype.name]
         return mean.astype(stat), m2.astype(stat)
 
     def normalize(self, x3, mean, scale, shift, y3):
@@ -36,7 +36,7 @@ class NumpyReference(Backend):
     def backward_reduce(self, dy3, x3, mean):
         dy = dy3.astype(np.float64)
         xmu = x3.astype(np.float64) - _per_channel(mean)
-        stat = _STAT[x3.dtype]
+        stat = _STAT[x3.dtype.name]
         return dy.sum(axis=(0, 2)).astype(stat), (dy * xmu).sum(axis=(0, 2)).astype(stat)
 
     def backward_elemt(self, dy3, x3, mean, k_dy, k_x, k_c, dx3):

@@ -5,9 +5,12 @@ parity test of fastbn, and any plugin's, takes its tolerances from here.
 """
 import numpy as np
 
+from .._validate import numpy_dtype  # noqa: F401 (re-exported for the kit)
+
 # rtol, atol (atol is relative to the largest magnitude of the expected result)
 _TOLERANCE = {
     "float16": (2e-3, 2e-3),   # 10-bit mantissa: one rounding of y is ~5e-4 relative
+    "bfloat16": (1.6e-2, 1.6e-2),  # 7-bit mantissa: one rounding is ~2e-3, an ulp ~8e-3
     "float32": (2e-5, 2e-5),
     "float64": (1e-12, 1e-12),
 }
@@ -19,7 +22,13 @@ def tolerance(dtype):
     ``atol`` is scaled by the largest magnitude of the expected array in
     :func:`assert_close`, so it serves outputs of any scale.
     """
-    return _TOLERANCE[np.dtype(dtype).name]
+    return _TOLERANCE[dtype_name(dtype)]
+
+
+def dtype_name(dtype):
+    """The name of a dtype given as a string, NumPy dtype or type (bfloat16: ml_dtypes')."""
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
 
 
 def to_numpy(a):

@@ -21,7 +21,7 @@ from .. import _api, _registry, _threads
 from .._backends.numpy_ref import NumpyReference
 from .._registry import FUSED_KERNELS, REQUIRED_KERNELS, BackendContractError
 from .._validate import STAT_DTYPE, canonical, kernel_vectors, kernel_wrote
-from ._helpers import direct_backward, direct_forward, to_numpy, tolerance
+from ._helpers import direct_backward, direct_forward, numpy_dtype, to_numpy, tolerance
 
 #: The oracle: the NumPy reference backend (float64 arithmetic, two-pass statistics).
 ReferenceBackend = NumpyReference
@@ -89,6 +89,7 @@ class _Context:
 
     def __init__(self, backend, check, dtype, device):
         self.backend, self.check, self.dtype, self.device = backend, check, dtype, device
+        self.np_dtype = numpy_dtype(dtype)  # bfloat16: ml_dtypes'
         self.stat = STAT_DTYPE[dtype]
         self.xp = np if device == "cpu" else _cupy()
         self.rng = np.random.default_rng(20261202)
@@ -110,7 +111,7 @@ class _Context:
         bshape[axis] = c
         mean = self.rng.uniform(-loc, loc, c).reshape(bshape)
         scale = self.rng.uniform(0.5, 2.0, c).reshape(bshape)
-        return (self.rng.standard_normal(shape) * scale + mean).astype(self.dtype)
+        return (self.rng.standard_normal(shape) * scale + mean).astype(self.np_dtype)
 
     def vector(self, c, low, high):
         return self.rng.uniform(low, high, c).astype(self.stat)
@@ -123,7 +124,7 @@ class _Context:
         return self.xp.asarray(a)
 
     def nan_like(self, shape):
-        return self.xp.full(shape, np.nan, dtype=self.dtype)
+        return self.xp.full(shape, np.nan, dtype=self.np_dtype)
 
     # kernels
     def call(self, kernel, *args):
@@ -398,20 +399,20 @@ def check_nonfinite_stays_in_its_channel(ctx):
 
 
 def _half_ulps(got, want):
-    """Distance in float16 units in the last place (ordered bit patterns)."""
+    """Distance in units in the last place of a 16-bit float (ordered bit patterns)."""
     def ordered(h):
         i = h.view(np.int16).astype(np.int32)
         return np.where(i < 0, -(i & 0x7FFF), i)
     return np.abs(ordered(got) - ordered(want))
 
 
-def check_float16_edges(ctx):
-    """float16: every finite half passes through exactly, results are rounded to nearest,
-    and data whose squares overflow float16 gives finite statistics."""
-    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
-    halves = halves[np.isfinite(halves)]                  # 63,488 values, ±65504, subnormals
+def check_half_edges(ctx):
+    """float16/bfloat16: every finite value passes through exactly, results are rounded to
+    nearest, and (float16) data whose squares overflow gives finite statistics."""
+    halves = np.arange(1 << 16, dtype=np.uint16).view(ctx.np_dtype)
+    halves = halves[np.isfinite(halves)]   # float16: 63,488 values, ±65504, subnormals
     for shape in ((1, 1, halves.size), (halves.size // 8, 8, 1)):
-        x3, c = halves.reshape(shape), shape[1]
+        x3, c = halves[:shape[0] * shape[1] * shape[2]].reshape(shape), shape[1]
         y3 = ctx.nan_like(shape)
         zeros, ones = np.zeros(c, np.float32), np.ones(c, np.float32)
         if ctx.call("normalize", ctx.dev(x3), ctx.dev(zeros), ctx.dev(ones), ctx.dev(zeros),
@@ -420,9 +421,9 @@ def check_float16_edges(ctx):
             if wrong.any():
                 i = np.flatnonzero(wrong)[0]
                 ctx.fail("normalize", shape, f"(x - 0) * 1 + 0 changed {int(wrong.sum())} "
-                                             f"float16 values, e.g. {x3.flat[i]!r} -> "
+                                             f"{ctx.dtype} values, e.g. {x3.flat[i]!r} -> "
                                              f"{to_numpy(y3).flat[i]!r}")
-    # rounding: float32 arithmetic rounded once to the nearest half
+    # rounding: float32 arithmetic rounded once to the nearest 16-bit value
     for shape in (SHAPES["planes, odd run"], SHAPES["rows, wide"]):
         x3, dy3, c = ctx.data(shape), ctx.data(shape, loc=1.0), shape[1]
         mean, scale, shift = ctx.vector(c, -3, 3), ctx.vector(c, 0.5, 2), ctx.vector(c, -1, 1)
@@ -433,15 +434,16 @@ def check_float16_edges(ctx):
             out = ctx.nan_like(shape)
             if ctx.call(kernel, *(ctx.dev(a) for a in args), out) is NotImplemented:
                 continue
-            got, want16 = to_numpy(out), want.astype(np.float16)
-            ulps = _half_ulps(got, want16)
-            # near zero, float32 cancellation alone moves a half by more than one ulp
+            ulps = _half_ulps(to_numpy(out), want.astype(ctx.np_dtype))
+            # near zero, float32 cancellation alone moves a 16-bit value by over one ulp
             large = np.abs(want) >= 2 ** -4
             if ulps[large].max(initial=0) > 1 or np.mean(ulps != 0) > 0.01:
-                ctx.fail(kernel, shape, f"float16 outputs are not rounded to nearest: "
+                ctx.fail(kernel, shape, f"{ctx.dtype} outputs are not rounded to nearest: "
                                         f"{np.mean(ulps != 0):.1%} differ from the float64 "
                                         f"result rounded once, by up to "
                                         f"{int(ulps[large].max(initial=0))} ulp")
+    if ctx.dtype != "float16":
+        return  # bfloat16 has float32's range: its squares overflow the statistics too
     # |x| ~ 3e3: x**2 ~ 1e7 overflows float16, the statistics must not
     shape = SHAPES["planes, odd run"]
     x3 = (3000 + 300 * ctx.rng.standard_normal(shape)).astype(np.float16)
@@ -453,12 +455,12 @@ def check_float16_edges(ctx):
 
 
 def check_stable_statistics(ctx):
-    """|mean| / std = 1e4 (float16: 300): a plain E[x^2] - E[x]^2 loses every digit here."""
-    ratio = 300.0 if ctx.dtype == "float16" else 1e4
+    """|mean| / std = 1e4 (16-bit data: 300): a plain E[x^2] - E[x]^2 loses every digit here."""
+    ratio = 300.0 if ctx.np_dtype.itemsize == 2 else 1e4
     fused = getattr(ctx.backend, "forward_train", None) is not None
     for shape in (SHAPES["planes, odd run"], SHAPES["rows, wide"], SHAPES["one huge channel"]):
         x3 = (ratio * (1 + ctx.rng.uniform(0, 1, shape[1]))[:, None]
-              + ctx.rng.standard_normal(shape)).astype(ctx.dtype)
+              + ctx.rng.standard_normal(shape)).astype(ctx.np_dtype)
         c = shape[1]
         calls = [("stats", (ctx.dev(x3),))]
         if fused:
@@ -609,7 +611,7 @@ def check_running_statistics(ctx):
     rm_d, rv_d = ctx.dev(rm.astype(ctx.stat), False), ctx.dev(rv.astype(ctx.stat), False)
     recorder = _Recorder(ctx.backend)
     for step in range(5):
-        x = (ctx.rng.standard_normal((8, c, 3)) * (1 + step) + step).astype(ctx.dtype)
+        x = (ctx.rng.standard_normal((8, c, 3)) * (1 + step) + step).astype(ctx.np_dtype)
         _public(ctx, recorder, x.shape, lambda: _api.batch_norm(
             ctx.dev(x), rm_d, rv_d, training=True, momentum=momentum, backend=recorder))
         x64 = x.astype(np.float64)
@@ -674,7 +676,7 @@ def check_out_aliasing(ctx):
     for layout in LAYOUTS:
         x, axis, _ = _layout_input(ctx, layout)
         want = direct_forward(x, axis=axis)[0]
-        out = ctx.xp.full(x.shape, np.nan, dtype=ctx.dtype)
+        out = ctx.xp.full(x.shape, np.nan, dtype=ctx.np_dtype)
         result = _public(ctx, recorder, x.shape, lambda: _api.batch_norm_forward(
             ctx.dev(x), out=out, axis=axis, backend=recorder))
         if result.y is not out:
@@ -824,7 +826,7 @@ CHECKS = {
     "forward_train": (check_forward_train, _has("forward_train")),
     "backward_train": (check_backward_train, _has("backward_train")),
     "nonfinite_stays_in_its_channel": (check_nonfinite_stays_in_its_channel, _always),
-    "float16_edges": (check_float16_edges, lambda b, dtype, d: dtype == "float16"),
+    "half_edges": (check_half_edges, lambda b, dtype, d: dtype in ("float16", "bfloat16")),
     "stable_statistics": (check_stable_statistics, _always),
     "forward_training": (check_forward_training, _always),
     "forward_inference": (check_forward_inference, _always),
