@@ -1,43 +1,292 @@
-"""PyTorch adapter: fastbn batch norm with autograd, and drop-in BatchNorm modules.
+"""PyTorch adapter: fastbn's batch norm as torch operators, with autograd, and drop-in modules.
 
     import fastbn.torch
     y = fastbn.torch.batch_norm(x, running_mean, running_var, weight, bias, training=True)
     model = fastbn.torch.convert(model)      # every nn.BatchNorm*d now runs on fastbn
 
-Tensors reach fastbn through DLPack without a copy (CPU tensors as NumPy arrays,
-CUDA tensors as CuPy arrays); running statistics are updated in place like
-PyTorch's. torch is imported when this module is, never by ``import fastbn``.
+Two custom operators are registered with ``torch.library`` — ``fastbn::batch_norm``
+(forward; updates the running statistics in place) and
+``fastbn::batch_norm_backward`` — each with a fake (shape-only) implementation and
+a vmap rule, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through
+them and run fastbn's kernels. Autograd is a ``torch.autograd.Function`` around
+them: reverse mode through the backward operator, forward mode (``jvp``), and
+double backward (the backward is itself differentiable: its derivative recomputes
+the gradient formula with torch operations). Tensors reach fastbn through DLPack
+without a copy; the only batch-norm math here is those derivative formulas, which
+fastbn's kernels do not provide. torch is imported when this module is, never by
+``import fastbn``.
 """
-import torch
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("fastbn.torch needs PyTorch: pip install 'fastbn[torch]'") from exc
 
 from . import _api
 
+Tensor = torch.Tensor
 
-class _BatchNormFunction(torch.autograd.Function):
-    """y = BN(x) with fastbn's forward; backward is fastbn.batch_norm_backward."""
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _backend_name(backend):
+    """Operators take strings: a backend object travels by its registered name."""
+    if backend is None:
+        return ""
+    return backend if isinstance(backend, str) else backend.name
+
+
+def _like(t, input):
+    """``t`` with the strides ``torch.empty_like(input)`` has (what the fake kernels promise)."""
+    expected = torch.empty_like(input)
+    return t if t.stride() == expected.stride() else expected.copy_(t)
+
+
+def _fake_outputs(input, axis):
+    c, stat = input.shape[axis], _stat_dtype(input.dtype)
+    return torch.empty_like(input), input.new_empty(c, dtype=stat), input.new_empty(c, dtype=stat)
+
+
+# --- the operators ----------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbn::batch_norm", mutates_args=())
+def _forward_op(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+                momentum: float, eps: float, axis: int,
+                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, invstd, new running_mean, new running_var): functional, so that autograd
+    can be registered with it; the caller copies the new running statistics in (empty
+    tensors when there is nothing to update)."""
+    updates = training and running_mean is not None
+    running = [None if r is None else (r.clone() if updates else r)
+               for r in (running_mean, running_var)]
+    y = torch.empty_like(input)  # input's memory format, empty inputs included (as torch)
+    _, mean, invstd = _api.batch_norm_forward(
+        input, weight, bias, running_mean=running[0], running_var=running[1],
+        training=training, momentum=momentum, eps=eps, axis=axis, out=y, backend=backend or None)
+    if not updates:
+        running = [input.new_empty(0, dtype=mean.dtype) for _ in range(2)]
+    return y, mean, invstd, running[0], running[1]
+
+
+@_forward_op.register_fake
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, backend):
+    y, mean, invstd = _fake_outputs(input, axis)
+    if training and running_mean is not None:
+        return y, mean, invstd, torch.empty_like(running_mean), torch.empty_like(running_var)
+    empty = input.new_empty(0, dtype=mean.dtype)
+    return y, mean, invstd, empty, empty.clone()
+
+
+@torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
+def _backward_op(grad: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
+                 weight: Tensor | None, training: bool, axis: int,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dweight, dbias = _api.batch_norm_backward(
+        grad, input, mean, invstd, weight=weight, training=training, axis=axis,
+        backend=backend or None)
+    return _like(dx, input), dweight, dbias
+
+
+@_backward_op.register_fake
+def _(grad, input, mean, invstd, weight, training, axis, backend):
+    return _fake_outputs(input, axis)
+
+
+# --- vmap: a vmapped batch norm is one batch norm over B*C channels ---------------------------
+
+def _merge(t, dim, batch, axis):
+    """Per-sample tensors (B at ``dim``, channels on ``axis``) -> one tensor with B*C
+    channels on ``axis`` (B outer), materialising an unbatched ``t`` over B."""
+    t = t.movedim(dim, 0) if dim is not None else t.expand(batch, *t.shape)
+    t = t.movedim(0, axis)                         # (..., B, C, ...)
+    shape = t.shape
+    return t.reshape(*shape[:axis], shape[axis] * shape[axis + 1], *shape[axis + 2:])
+
+
+def _split(t, batch, axis):
+    """The inverse of :func:`_merge`: B back in front."""
+    shape = t.shape
+    return t.reshape(*shape[:axis], batch, shape[axis] // batch, *shape[axis + 1:]).movedim(
+        axis, 0)
+
+
+def _flat(v, dim, batch):
+    """A (C,) or batched (B, C) vector as (B*C,); None stays None."""
+    if v is None:
+        return None
+    return (v.movedim(dim, 0) if dim is not None else v.expand(batch, *v.shape)).reshape(-1)
+
+
+@_forward_op.register_vmap
+def _(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum, eps,
+      axis, backend):
+    x_dim, w_dim, b_dim, rm_dim, rv_dim = in_dims[:5]
+    batch = info.batch_size
+    axis %= input.dim() - (x_dim is not None)
+    y, mean, invstd, rm, rv = _forward_op(
+        _merge(input, x_dim, batch, axis), _flat(weight, w_dim, batch), _flat(bias, b_dim, batch),
+        _flat(running_mean, rm_dim, batch), _flat(running_var, rv_dim, batch), training,
+        momentum, eps, axis, backend)
+    per_sample = [v.view(batch, -1) for v in (mean, invstd, rm, rv)]
+    return (_split(y, batch, axis), *per_sample), (0, 0, 0, 0, 0)
+
+
+@_backward_op.register_vmap
+def _(info, in_dims, grad, input, mean, invstd, weight, training, axis, backend):
+    g_dim, x_dim, m_dim, s_dim, w_dim = in_dims[:5]
+    batch = info.batch_size
+    axis %= input.dim() - (x_dim is not None)
+    dx, dweight, dbias = _backward_op(
+        _merge(grad, g_dim, batch, axis), _merge(input, x_dim, batch, axis),
+        _flat(mean, m_dim, batch), _flat(invstd, s_dim, batch), _flat(weight, w_dim, batch),
+        training, axis, backend)
+    return (_split(dx, batch, axis), dweight.view(batch, -1), dbias.view(batch, -1)), (0, 0, 0)
+
+
+# --- autograd --------------------------------------------------------------------------------
+# The derivatives torch needs beyond fastbn's kernels: forward mode, and the derivative
+# of the backward (double backward), as differentiable torch operations.
+
+def _reduce_dims(x, axis):
+    return [d for d in range(x.dim()) if d != axis]
+
+
+def _per_channel(v, x, axis):
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _scale_and_xhat(x, mean, invstd, eps, training, axis):
+    """(invstd, xhat) broadcastable over x; recomputed from x when training, so that
+    their dependence on x is differentiated too."""
+    if training:
+        dims = _reduce_dims(x, axis)
+        scale = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+        return scale, (x - x.mean(dims, keepdim=True)) * scale
+    scale = _per_channel(invstd, x, axis)
+    return scale, (x - _per_channel(mean, x, axis)) * scale
+
+
+def _gradients(dy, x, weight, mean, invstd, eps, training, axis):
+    """(dx, dweight, dbias) of batch norm, as differentiable torch operations."""
+    xf, dyf = x.to(mean.dtype), dy.to(mean.dtype)
+    scale, xhat = _scale_and_xhat(xf, mean, invstd, eps, training, axis)
+    dims = _reduce_dims(x, axis)
+    w = _per_channel(weight.to(mean.dtype), x, axis) if weight is not None else 1.0
+    if training:
+        dx = scale * w * (dyf - dyf.mean(dims, keepdim=True)
+                          - xhat * (dyf * xhat).mean(dims, keepdim=True))
+    else:
+        dx = dyf * scale * w
+    return dx.to(x.dtype), (dyf * xhat).sum(dims), dyf.sum(dims)
+
+
+class _BatchNorm(torch.autograd.Function):
+    """y = BN(x) on fastbn's operator; its gradient on fastbn's backward operator."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                axis, backend):
-        y, mean, invstd = _api.batch_norm_forward(
-            x, weight, bias, running_mean=running_mean, running_var=running_var, training=training,
-            momentum=momentum, eps=eps, axis=axis, backend=backend)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.training, ctx.axis, ctx.backend = training, axis, backend
-        return y
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis,
+                backend):
+        return _forward_op(input, weight, bias, running_mean, running_var, training, momentum,
+                           eps, axis, backend)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = _api.batch_norm_backward(
-            dy, x, mean, invstd, weight=weight, training=ctx.training, axis=ctx.axis,
-            backend=ctx.backend)
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, _, _, training, _, eps, axis, backend = inputs
+        _, mean, invstd, new_mean, new_var = output
+        ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
+        ctx.training, ctx.eps, ctx.axis, ctx.backend = training, eps, axis % input.dim(), backend
+
+    @staticmethod
+    def backward(ctx, dy, *_statistics_grads):
+        input, weight, mean, invstd = ctx.saved_tensors
+        dx, dweight, dbias = _BatchNormBackward.apply(dy, input, weight, mean, invstd,
+                                                      ctx.training, ctx.eps, ctx.axis,
+                                                      ctx.backend)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dx if need_x else None,
-                dweight.to(weight.dtype) if need_w else None,
-                dbias.to(weight.dtype if weight is not None else dbias.dtype) if need_b else None,
-                None, None, None, None, None, None, None)
+        param = weight.dtype if weight is not None else dbias.dtype
+        return (dx if need_x else None, dweight.to(param) if need_w else None,
+                dbias.to(param) if need_b else None, None, None, None, None, None, None, None)
 
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, *_):
+        input, weight, mean, invstd = ctx.saved_tensors
+        axis, x = ctx.axis, input.to(mean.dtype)
+        scale, xhat = _scale_and_xhat(x, mean, invstd, ctx.eps, ctx.training, axis)
+        y_t = torch.zeros_like(x)
+        if input_t is not None:
+            x_t = input_t.to(mean.dtype)
+            if ctx.training:
+                dims = _reduce_dims(x, axis)
+                x_t = (x_t - x_t.mean(dims, keepdim=True)
+                       - xhat * (xhat * x_t).mean(dims, keepdim=True))
+            w = _per_channel(weight.to(mean.dtype), x, axis) if weight is not None else 1.0
+            y_t = y_t + x_t * scale * w
+        if weight_t is not None:
+            y_t = y_t + xhat * _per_channel(weight_t.to(mean.dtype), x, axis)
+        if bias_t is not None:
+            y_t = y_t + _per_channel(bias_t.to(mean.dtype), x, axis)
+        return y_t.to(input.dtype), None, None, None, None
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """(dx, dweight, dbias) on fastbn's backward operator, itself differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy, input, weight, mean, invstd, training, eps, axis, backend):
+        return _backward_op(dy, input, mean, invstd, weight, training, axis, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, input, weight, mean, invstd, training, eps, axis, _ = inputs
+        ctx.save_for_backward(dy, input, weight, mean, invstd)
+        ctx.training, ctx.eps, ctx.axis = training, eps, axis
+
+    @staticmethod
+    def backward(ctx, ddx, ddweight, ddbias):
+        dy, input, weight, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_(need)
+                      for t, need in zip((dy, input, weight), needs)]
+            outputs = _gradients(*leaves, mean, invstd, ctx.eps, ctx.training, ctx.axis)
+            pairs = [(o, g.to(o.dtype)) for o, g in zip(outputs, (ddx, ddweight, ddbias))
+                     if g is not None]
+            wanted = [leaf for leaf, need in zip(leaves, needs) if need and leaf is not None]
+            grads = iter(torch.autograd.grad(
+                [o for o, _ in pairs], wanted, [g for _, g in pairs],
+                create_graph=torch.is_grad_enabled(), allow_unused=True, materialize_grads=True)
+                if wanted else ())
+        result = [next(grads) if need and t is not None else None
+                  for t, need in zip((dy, input, weight), needs)]
+        return (*result, None, None, None, None, None, None)
+
+
+# The compiled path: Dynamo traces no autograd.Function that has a jvp, so under
+# torch.compile the forward operator is called directly, with this autograd.
+
+def _op_setup_context(ctx, inputs, output):
+    _BatchNorm.setup_context(ctx, inputs, output)
+
+
+def _op_backward(ctx, dy, *statistics_grads):
+    return _BatchNorm.backward(ctx, dy, *statistics_grads)
+
+
+torch.library.register_autograd("fastbn::batch_norm", _op_backward,
+                                setup_context=_op_setup_context)
+
+
+# --- public ----------------------------------------------------------------------------------
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, axis=1, backend=None):
@@ -45,10 +294,19 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     Same arguments, order and semantics as PyTorch's (``running_mean`` and
     ``running_var`` updated in place when training), plus fastbn's ``axis``
-    and ``backend``. Gradients flow to ``input``, ``weight`` and ``bias``.
+    and ``backend``. Gradients flow to ``input``, ``weight`` and ``bias`` in
+    reverse mode (to any order) and forward mode; ``torch.func`` transforms,
+    ``torch.compile`` and ``torch.export`` work.
     """
-    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                    bool(training), float(momentum), float(eps), axis, backend)
+    args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum),
+            float(eps), int(axis), _backend_name(backend))
+    apply = _forward_op if torch.compiler.is_compiling() else _BatchNorm.apply
+    y, _, _, new_mean, new_var = apply(*args)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return y
 
 
 class _FastbnBatchNorm:
