@@ -1,10 +1,13 @@
-"""One training step of a small CNN with torch's BatchNorm2d vs fastbn's, on CPU.
+"""One training step of a small CNN with torch's BatchNorm2d vs fastbn's, on CPU,
+eager and under torch.compile.
 
-    python benchmarks/cnn_step.py [--threads 2] [--steps 20] [--batch 64]
+    python benchmarks/cnn_step.py [--threads 2] [--steps 20] [--batch 64] [--no-compile]
 
 conv-BN-ReLU x2 + linear (the model of tests/test_interop.py, wider), same
-seed, same data; steps interleaved between the two models; prints the median
-step time of each and the ratio, with the fastbn backend that served.
+seed, same data; steps interleaved between the models (torch BN and fastbn BN,
+eager and ``torch.compile(fullgraph=True)``); prints the median step time of each,
+the ratios, and the fastbn backend that served. Compilation (inductor, about a
+minute per model here) happens in the warm-up step and is not timed.
 """
 import argparse
 import statistics
@@ -31,6 +34,8 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--size", type=int, default=32, help="image height and width")
+    parser.add_argument("--no-compile", action="store_true", help="eager models only")
+    parser.add_argument("--compile-backend", default="inductor")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fastbn.set_num_threads(args.threads)
@@ -39,13 +44,18 @@ def main():
     t = torch.randint(0, 10, (args.batch,), generator=g)
     models = {"torch BN": make_model(torch.nn.BatchNorm2d, args.width),
               "fastbn BN": make_model(fastbn.torch.BatchNorm2d, args.width)}
+    if not args.no_compile:
+        models.update({f"{k}, compiled": make_model(bn, args.width) for k, bn in (
+            ("torch BN", torch.nn.BatchNorm2d), ("fastbn BN", fastbn.torch.BatchNorm2d))})
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.01) for k, m in models.items()}
+    forward = {k: torch.compile(m, fullgraph=True, backend=args.compile_backend)
+               if k.endswith("compiled") else m for k, m in models.items()}
     times = {k: [] for k in models}
 
     def step(name):
         opt = optimizers[name]
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(models[name](x), t)
+        loss = torch.nn.functional.cross_entropy(forward[name](x), t)
         loss.backward()
         opt.step()
         return loss.item()
@@ -63,8 +73,11 @@ def main():
           f"{args.width}, {args.threads} threads, median of {args.steps} interleaved steps "
           f"(fastbn backend: {served})")
     for name, m in medians.items():
-        print(f"  {name:<10} {m * 1e3:8.2f} ms")
-    print(f"  torch / fastbn step time: {medians['torch BN'] / medians['fastbn BN']:.2f}x")
+        print(f"  {name:<20} {m * 1e3:8.2f} ms")
+    for suffix in ("", ", compiled"):
+        if f"torch BN{suffix}" in medians:
+            ratio = medians[f"torch BN{suffix}"] / medians[f"fastbn BN{suffix}"]
+            print(f"  torch / fastbn step time{suffix or ', eager'}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _parser():
     bench.add_argument("--shape", type=_shape, metavar="N,C[,H,W]",
                        help="the tensor shape (NCHW order; with NC, the first two numbers); "
                             "default 32,64,56,56 and 4096,1024 for NC")
-    bench.add_argument("--dtype", action="append", choices=["float32", "float64", "float16"],
+    bench.add_argument("--dtype", action="append", choices=["float32", "float64", "float16", "bfloat16"],
                        help="only this dtype (repeatable; default float32)")
     bench.add_argument("--op", action="append",
                        choices=["forward-training", "forward-training-out", "inference",

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import _registry, _threads
+from ._validate import numpy_dtype
 from ._version import __version__
 
 OPS = ("forward-training", "forward-training-out", "inference", "backward")
@@ -54,7 +55,7 @@ class Case:
 
     @property
     def nbytes(self):
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * numpy_dtype(self.dtype).itemsize
 
     @property
     def bytes_moved(self):
@@ -84,8 +85,8 @@ def make_data(case, seed=0):
     """x, dy (fastbn's layout for the case) and per-channel parameters, all touched."""
     rng = np.random.default_rng(seed)
     stat = np.float64 if case.dtype == "float64" else np.float32
-    x = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
-    dy = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
+    x = rng.standard_normal(case.shape, dtype=np.float32).astype(numpy_dtype(case.dtype))
+    dy = rng.standard_normal(case.shape, dtype=np.float32).astype(numpy_dtype(case.dtype))
     if case.layout == "NHWC":  # the same tensor, channels-last in memory
         x, dy = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, dy))
     c = case.channels
@@ -181,11 +182,15 @@ def _prepare_torch(case, threads):
         raise Skip("torch.nn.functional.batch_norm has no out= argument")
     torch.set_num_threads(threads)
     x, dy, p = make_data(case)
+    if case.dtype == "bfloat16":  # torch reads no ml_dtypes array: the same bits, as int16
+        x, dy = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) for a in (x, dy))
+    else:
+        x, dy = torch.from_numpy(x), torch.from_numpy(dy)
     if case.layout == "NHWC":  # back to logical NCHW, channels_last memory: no copy
-        xt, dyt = (torch.from_numpy(a).permute(0, 3, 1, 2) for a in (x, dy))
+        xt, dyt = (a.permute(0, 3, 1, 2) for a in (x, dy))
         assert xt.is_contiguous(memory_format=torch.channels_last)
     else:
-        xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+        xt, dyt = x, dy
     pt = {k: torch.from_numpy(v) for k, v in p.items()}
     eps = 1e-5
 
