@@ -1,7 +1,9 @@
 """The Numba CPU backend: a thin adapter over ``fastbn._kernels.bn_numba``.
 
-The adapter holds no math: it hands float16 data to the kernels as its uint16
-bit pattern (numba has no float16 arithmetic on the CPU), makes the
+The adapter holds no math: it hands 16-bit data to the kernels as its bit
+pattern (numba has no 16-bit float arithmetic on the CPU), float16 as uint16
+and bfloat16 (``ml_dtypes.bfloat16``) as int16, the view's integer type telling
+the kernels which format it is; it makes the
 per-channel vectors contiguous in the stat dtype, passes the thread count of
 ``fastbn.get_num_threads()`` (the kernels apply it with
 ``numba.set_num_threads`` at each call) and returns what the kernels return.
@@ -22,8 +24,11 @@ from .._registry import Backend
 from .._threads import get_num_threads
 
 _INSTALL_HINT = "numba is not installed (pip install fastbn[numba])"
-_STAT = {np.dtype(np.float16): np.float32, np.dtype(np.float32): np.float32,
-         np.dtype(np.float64): np.float64}
+# stat dtype and (for 16-bit formats) the integer view the kernels take, by dtype
+# name: ml_dtypes' bfloat16 is known by name, so nothing here imports ml_dtypes
+_STAT = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32,
+         "float64": np.float64}
+_CARRIER = {"float16": np.uint16, "bfloat16": np.int16}
 
 _module = None
 # numba's "workqueue" threading layer (the fallback when neither TBB nor
@@ -45,13 +50,15 @@ def _kernels():
 
 
 def _bits(a):
-    """float16 arrays travel to the kernels as uint16 views (no copy)."""
-    return a.view(np.uint16) if a.dtype == np.float16 else a
+    """16-bit float arrays travel to the kernels as integer views (no copy):
+    float16 as uint16, bfloat16 as int16."""
+    carrier = _CARRIER.get(a.dtype.name)
+    return a if carrier is None else a.view(carrier)
 
 
 def _vector(v, x3):
     """A per-channel vector as the kernels read it: contiguous, in x's stat dtype."""
-    return np.ascontiguousarray(v, dtype=_STAT[x3.dtype])
+    return np.ascontiguousarray(v, dtype=_STAT[x3.dtype.name])
 
 
 def _call(fn, *args):
@@ -73,7 +80,7 @@ def _call(fn, *args):
 
 
 class NumbaBackend(Backend):
-    """Numba ``@njit(parallel=True)`` kernels for float16/float32/float64 on the CPU.
+    """Numba ``@njit(parallel=True)`` kernels for float16/bfloat16/float32/float64 on the CPU.
 
     The same kernels as the ``cython`` backend (same structure and names, in
     ``fastbn/_kernels/bn_numba.py``), compiled on first use per dtype and
@@ -87,7 +94,7 @@ class NumbaBackend(Backend):
     name = "numba"
     priority = 50
     devices = frozenset({"cpu"})
-    dtypes = frozenset({"float16", "float32", "float64"})
+    dtypes = frozenset({"float16", "bfloat16", "float32", "float64"})
 
     def is_available(self):
         if importlib.util.find_spec("numba") is None:

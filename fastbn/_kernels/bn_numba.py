@@ -8,12 +8,21 @@ import it lazily (``fastbn._backends.numba_cpu`` does). Every kernel takes
 ``numba.config.NUMBA_NUM_THREADS``) and runs without the GIL.
 
 Data arrays are the canonical ``(O, C, I)`` view, C-contiguous, of float32,
-float64, or float16 passed as its uint16 bit pattern (``x.view(np.uint16)``:
-numba has no float16 arithmetic on the CPU). Per-channel vectors have the stat
-dtype: float32 for float16/float32 data, float64 for float64 data. float16 is
-converted to float32 on load and rounded back (to nearest even) on store, one
-element at a time inside the loops (``_load`` / ``_store``), so every loop is
-written once for the three data types.
+float64, or a 16-bit format passed as its bit pattern (numba has no 16-bit float
+arithmetic on the CPU), the integer type of the view naming the format:
+
+* float16 (IEEE binary16) as ``uint16`` (``x.view(np.uint16)``),
+* bfloat16 (the upper half of a float32) as ``int16`` (``x.view(np.int16)``;
+  the sign of the integer type only tags the format, the bits are read
+  unsigned).
+
+Per-channel vectors have the stat dtype: float32 for float16/bfloat16/float32
+data, float64 for float64 data. 16-bit data is converted to float32 on load
+(exactly) and rounded back (to nearest even) on store, one element at a time
+inside the loops (``_load`` / ``_store``), so every loop is written once for
+the four data types; the conversion is picked at compile time from the
+array's element type, so each format is its own specialization and the
+float32/float64 code is untouched by it.
 
 Two kernel families, as in the Cython module:
 
@@ -67,7 +76,7 @@ MIN_PER_THREAD = 32768
 # they are taken only when the bytes one channel reads fit in it with room.
 FUSE_MAX_BYTES = 786432
 
-# Values per float16 staging buffer (outputs computed in float32, rounded
+# Values per 16-bit (float16/bfloat16) staging buffer (outputs computed in float32, rounded
 # here, then streamed out); small, so the stage and the input rarely alias
 # modulo 4 KiB (1024 values: 1.4x slower than 128).
 STAGE = 128
@@ -158,6 +167,35 @@ def _float_to_half(x):
         u = np.uint32(u + mant_odd)
         o = np.uint32(u >> np.uint32(13))
     return np.uint16(o | np.uint32(sign >> np.uint32(16)))
+
+
+# ----------------------------------------------------------------------------
+# bfloat16 <-> float32 (bit manipulation; exact, round-to-nearest-even)
+# ----------------------------------------------------------------------------
+
+@njit(**_jit)
+def _bfloat16_to_float(h):
+    """bfloat16 bits (int16 or uint16) -> float32: they are the upper 16 bits of
+    the float32, so the conversion is exact for every pattern (subnormals,
+    inf, NaN with its payload)."""
+    return _u32_as_f32(np.uint32(np.uint32(np.uint16(h)) << np.uint32(16)))
+
+
+@njit(**_jit)
+def _float_to_bfloat16(x):
+    """float32 -> bfloat16 bits (uint16), rounded to nearest, ties to even, as
+    ml_dtypes (``float32_array.astype(ml_dtypes.bfloat16)``): finite values
+    that round past the largest bfloat16 become inf (the carry runs into the
+    exponent), inf stays inf, NaN becomes the quiet NaN of its sign (0x7fc0 /
+    0xffc0; the payload is dropped, as ml_dtypes does). Branch-free but for a
+    select, so loops storing bfloat16 vectorise."""
+    u = _f32_as_u32(np.float32(x))
+    lsb = np.uint32(np.uint32(u >> np.uint32(16)) & np.uint32(1))
+    r = np.uint32(np.uint32(u + np.uint32(0x7fff)) + lsb) >> np.uint32(16)
+    if np.uint32(u & np.uint32(0x7fffffff)) > np.uint32(0x7f800000):
+        r = np.uint32(np.uint32(np.uint32(u >> np.uint32(16)) & np.uint32(0x8000))
+                      | np.uint32(0x7fc0))
+    return np.uint16(r)
 
 
 @intrinsic
@@ -330,7 +368,8 @@ def _store_fence(typingctx):
 # --- typed loads and stores: the data type picks the implementation at compile time ---
 
 def _load(a, i):
-    """a[i] in the compute type (float32 for float16/float32 data, float64 for float64)."""
+    """a[i] in the compute type (float32 for float16/bfloat16/float32 data,
+    float64 for float64)."""
 
 
 def _store(a, i, v):
@@ -342,13 +381,26 @@ def _ctype(a, v):
 
 
 def _is_half(a):
+    """float16 data: its bits as uint16."""
     return isinstance(a, types.Array) and a.dtype == types.uint16
+
+
+def _is_bfloat16(a):
+    """bfloat16 data: its bits as int16."""
+    return isinstance(a, types.Array) and a.dtype == types.int16
+
+
+def _is_16bit(a):
+    """16-bit float data (float16 or bfloat16): computed in float32, staged on store."""
+    return _is_half(a) or _is_bfloat16(a)
 
 
 @overload(_load, jit_options=_jit)
 def _ov_load(a, i):
     if _is_half(a):
         return lambda a, i: _half_to_float(a[i])
+    if _is_bfloat16(a):
+        return lambda a, i: _bfloat16_to_float(a[i])
     return lambda a, i: a[i]
 
 
@@ -357,6 +409,10 @@ def _ov_store(a, i, v):
     if _is_half(a):
         def impl(a, i, v):
             a[i] = _float_to_half(v)
+        return impl
+    if _is_bfloat16(a):
+        def impl(a, i, v):
+            a[i] = np.int16(_float_to_bfloat16(v))
         return impl
 
     def impl(a, i, v):
@@ -615,12 +671,12 @@ def _ov_head(y, n):
 
 def _affine_stream(x, y, m, s, b, stage):
     """y = (x - m)*s + b with streaming stores: float data line by line
-    (a 64-byte vector computed and streamed), float16 through the stage."""
+    (a 64-byte vector computed and streamed), float16/bfloat16 through the stage."""
 
 
 @overload(_affine_stream, jit_options=_jit)
 def _ov_affine_stream(x, y, m, s, b, stage):
-    if _is_half(y):
+    if _is_16bit(y):
         def impl(x, y, m, s, b, stage):
             n = x.shape[0]
             i = 0
@@ -649,7 +705,7 @@ def _elemt_stream(dy, x, dx, m, a, b, c, stage):
 
 @overload(_elemt_stream, jit_options=_jit)
 def _ov_elemt_stream(dy, x, dx, m, a, b, c, stage):
-    if _is_half(dx):
+    if _is_16bit(dx):
         def impl(dy, x, dx, m, a, b, c, stage):
             n = x.shape[0]
             i = 0
@@ -678,7 +734,7 @@ def _rows_affine_stream(x, y, m, s, b, stage):
 
 @overload(_rows_affine_stream, jit_options=_jit)
 def _ov_rows_affine_stream(x, y, m, s, b, stage):
-    if _is_half(y):
+    if _is_16bit(y):
         def impl(x, y, m, s, b, stage):
             n = x.shape[0]
             i = 0
@@ -707,7 +763,7 @@ def _rows_elemt_stream(dy, x, dx, m, a, b, c, stage):
 
 @overload(_rows_elemt_stream, jit_options=_jit)
 def _ov_rows_elemt_stream(dy, x, dx, m, a, b, c, stage):
-    if _is_half(dx):
+    if _is_16bit(dx):
         def impl(dy, x, dx, m, a, b, c, stage):
             n = x.shape[0]
             i = 0
