@@ -1,8 +1,11 @@
 """The CUDA kernels compile cleanly wherever nvcc exists, GPU or not.
 
-Each module the CuPy backend loads (one per dtype, with its compile options) is
-compiled to PTX for sm_80 and sm_90 with every warning an error, and must hold
-every kernel the backend launches, and no other dtype's.
+Each module the CuPy backend loads (one per dtype, with its compile options:
+float16, bfloat16, float32, float64) is compiled to PTX for sm_80 and sm_90 with
+every warning an error, and must hold every kernel the backend launches, and no
+other dtype's; the 16-bit modules must round their stores to nearest even. The
+source with no options (every dtype in one module, cuda_bf16.h and cuda_fp16.h
+together) compiles too.
 """
 import importlib
 import importlib.resources
@@ -57,17 +60,41 @@ def test_module_compiles_without_warnings(source_path, tmp_path, dtype, arch):
     assert proc.returncode == 0, report
     assert proc.stderr.strip() == "" and proc.stdout.strip() == "", report
 
-    entries = _entries(out.read_text())
+    ptx = out.read_text()
+    entries = _entries(ptx)
     expected = set(cupy_gpu.kernel_names(dtype))
     assert expected <= entries, f"missing kernels: {sorted(expected - entries)}"
     assert entries == expected, f"kernels of other dtypes compiled in: {sorted(entries - expected)}"
+    # stores of 16-bit data: one rounding to nearest even (cvt.rn), from float
+    rounding = {"float16": "cvt.rn.f16.f32", "bfloat16": "cvt.rn.bf16.f32"}
+    for name, cvt in rounding.items():
+        if name == dtype:
+            assert cvt in ptx, f"{dtype}: no {cvt} in the PTX"
+        else:
+            assert cvt not in ptx, f"{dtype}: {name} conversions ({cvt}) compiled in"
+
+
+@needs_nvcc
+def test_all_dtypes_in_one_module(source_path, tmp_path):
+    """No -DFASTBN_* flags: every dtype's kernels in one module (both 16-bit headers)."""
+    out = tmp_path / "bn_cuda_all.ptx"
+    cmd = [NVCC, "-ptx", "-arch=sm_80", "-std=c++17", "-Werror", "all-warnings", "-o",
+           str(out), str(source_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    report = f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    assert proc.stderr.strip() == "" and proc.stdout.strip() == "", report
+    expected = {n for d in cupy_gpu.STAT_DTYPE for n in cupy_gpu.kernel_names(d)}
+    assert _entries(out.read_text()) == expected
 
 
 def test_kernel_names_cover_every_launch():
     """Names are unique and follow bn_<kernel>_<dtype>_<index>, for every dtype served."""
     assert set(cupy_gpu.STAT_DTYPE) == set(cupy_gpu.backend.dtypes)
+    assert set(cupy_gpu.STAT_DTYPE) == {"float16", "bfloat16", "float32", "float64"}
+    assert cupy_gpu.STAT_DTYPE["bfloat16"] == cupy_gpu.STAT_DTYPE["float16"] == "float32"
     names = [n for d in cupy_gpu.STAT_DTYPE for n in cupy_gpu.kernel_names(d)]
-    assert len(names) == len(set(names)) == 8 * 2 * 3
+    assert len(names) == len(set(names)) == 8 * 2 * 4
     for dtype in cupy_gpu.STAT_DTYPE:
         for name in cupy_gpu.kernel_names(dtype):
             assert re.fullmatch(rf"bn_[a-z_]+_{dtype}_i(32|64)", name), name

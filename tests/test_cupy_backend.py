@@ -5,7 +5,9 @@ launch planning (pure functions of the shape) keeps CUDA's limits and the
 32-bit index rule. With cupy and NVRTC: every module compiles through CuPy's
 own compiler options. With a GPU: results stay CuPy arrays on the input's
 device with no synchronisation, split reductions (several blocks per channel,
-merged by the last block) and the 64-bit index kernels match the reference.
+merged by the last block) and the 64-bit index kernels match the reference, for
+every dtype (bfloat16 where this CuPy has ml_dtypes' bfloat16 arrays), and bfloat16
+stores round to nearest even.
 The parity suite (tests/test_parity.py) covers the rest for every registered
 backend, cupy included.
 """
@@ -29,7 +31,15 @@ cupy_gpu = importlib.import_module("fastbn._backends.cupy_gpu")
 ref = importlib.import_module("fastbn._backends.numpy_ref").backend
 backend = cupy_gpu.backend
 
-DTYPES = ["float16", "float32", "float64"]
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def _np_dtype(name):
+    """The NumPy dtype called ``name``; bfloat16 is ml_dtypes'."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 # --- everywhere: import, availability, planning -----------------------------------------
@@ -192,7 +202,15 @@ def _input(rng, shape, dtype):
     """(O, C, I) data whose channels have different means and spreads."""
     c = shape[1]
     x = rng.standard_normal(shape) * rng.uniform(0.5, 2, (1, c, 1)) + rng.uniform(-3, 3, (1, c, 1))
-    return x.astype(dtype)
+    return x.astype(_np_dtype(dtype))
+
+
+def _needs_dtype(cp, dtype):
+    """Skip, with the reason, where this CuPy cannot hold arrays of ``dtype``."""
+    try:
+        cp.empty(1, _np_dtype(dtype))
+    except Exception as exc:  # noqa: BLE001 - older CuPy: no ml_dtypes bfloat16 arrays
+        pytest.skip(f"this CuPy has no {dtype} arrays: {type(exc).__name__}: {exc}")
 
 
 def _sm(cp):
@@ -207,6 +225,7 @@ SPLIT_SHAPES = [(64, 3, 2048), (4, 3, 65536), (131072, 5, 1), (40000, 70, 1)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
 def test_split_reductions_match_reference(cp, rng, shape, dtype):
+    _needs_dtype(cp, dtype)
     O, C, I = shape
     sm, per_sm = _sm(cp)
     if I > 1:
@@ -217,7 +236,7 @@ def test_split_reductions_match_reference(cp, rng, shape, dtype):
         assert grid[1] > 1, "shape chosen to exercise the last-block merge"
     stat = cupy_gpu.STAT_DTYPE[dtype]
     x = _input(rng, shape, dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(_np_dtype(dtype))
     mean_ref, m2_ref = ref.stats(x)
     mean, m2 = backend.stats(cp.asarray(x))
     assert isinstance(mean, cp.ndarray) and mean.dtype == stat and m2.dtype == stat
@@ -230,10 +249,11 @@ def test_split_reductions_match_reference(cp, rng, shape, dtype):
 
 
 def _all_kernels_against_reference(cp, rng, shape, dtype):
+    _needs_dtype(cp, dtype)
     stat = cupy_gpu.STAT_DTYPE[dtype]
     c = shape[1]
     x = _input(rng, shape, dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(_np_dtype(dtype))
     vecs = [rng.normal(size=c).astype(stat) for _ in range(3)]
     mean_ref, m2_ref = ref.stats(x)
     mean, m2 = backend.stats(cp.asarray(x))
@@ -241,7 +261,7 @@ def _all_kernels_against_reference(cp, rng, shape, dtype):
     assert_close(m2, m2_ref, stat)
     y_ref = np.empty_like(x)
     ref.normalize(x, mean_ref, vecs[0], vecs[1], y_ref)
-    y = cp.empty(shape, dtype)
+    y = cp.empty(shape, _np_dtype(dtype))
     backend.normalize(cp.asarray(x), cp.asarray(mean_ref), cp.asarray(vecs[0]),
                       cp.asarray(vecs[1]), y)
     assert_close(y, y_ref, dtype)
@@ -251,7 +271,7 @@ def _all_kernels_against_reference(cp, rng, shape, dtype):
     assert_close(sums[1], sums_ref[1], stat)
     dx_ref = np.empty_like(x)
     ref.backward_elemt(dy, x, mean_ref, *vecs, dx_ref)
-    dx = cp.empty(shape, dtype)
+    dx = cp.empty(shape, _np_dtype(dtype))
     backend.backward_elemt(cp.asarray(dy), cp.asarray(x), cp.asarray(mean_ref),
                            *(cp.asarray(v) for v in vecs), dx)
     assert_close(dx, dx_ref, dtype)
@@ -264,6 +284,34 @@ def test_64bit_index_kernels_match_reference(cp, rng, monkeypatch, shape, dtype)
     """The i64 instantiations, on small arrays (the rule would pick i32 for them)."""
     monkeypatch.setattr(cupy_gpu, "index_type", lambda nbytes: "i64")
     _all_kernels_against_reference(cp, rng, shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1 << 16), (1 << 13, 8, 1)], ids=["planes", "rows"])
+def test_bfloat16_stores_round_to_nearest_even(cp, shape):
+    """Every bfloat16 pattern through normalize: with scale 1, finite values unchanged
+    (-0 becomes +0, as in IEEE arithmetic), NaN stays NaN, inf stays inf; with scales
+    whose products are exact in float32 (ties and overflows to inf among them), bit for
+    bit what ml_dtypes rounds the float32 product to."""
+    _needs_dtype(cp, "bfloat16")
+    bf16 = _np_dtype("bfloat16")
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    x = bits.view(bf16).reshape(shape)
+    xf = x.astype(np.float32)
+    c = shape[1]
+    zero = cp.zeros(c, cp.float32)
+    # scales of <= 10 significant bits: their products with bfloat16 values are exact
+    exact = [1 + 2**-8, -(1 + 3 * 2**-9), 1 - 2**-9, 0.75 + 2**-10, 1.25 + 2**-9,
+             -(0.5 + 2**-10), 1 + 2**-7 + 2**-9, -(1 + 2**-8)]
+    for scales in ([1.0] * c, exact * c):
+        s = np.asarray(scales[:c], np.float32)
+        y = cp.empty(shape, bf16)
+        backend.normalize(cp.asarray(x), zero, cp.asarray(s), zero, y)
+        got = to_numpy(y).view(np.uint16)
+        with np.errstate(all="ignore"):
+            want = (xf * s[None, :, None] + np.float32(0)).astype(bf16).view(np.uint16)
+        nan = np.isnan(xf)
+        np.testing.assert_array_equal(got[~nan], want[~nan])
+        assert np.isnan(got[nan].view(bf16).astype(np.float32)).all()
 
 
 def test_results_stay_on_device_without_synchronising(cp, rng):

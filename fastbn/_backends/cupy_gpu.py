@@ -42,12 +42,15 @@ MAX_GRID_YZ = 65535         # CUDA's limit on gridDim.y and gridDim.z
 MAX_GRID_X = 2**31 - 1      # CUDA's limit on gridDim.x
 # Every grid stride (gridDim * blockDim along one walk) stays below this, so a
 # 32-bit loop counter that runs UNROLL strides past an array of < 2^30 elements
-# (the most an int32 byte extent allows for float16) cannot overflow.
+# (the most an int32 byte extent allows for 16-bit data) cannot overflow.
 MAX_STRIDE = 2**26
 WAVES_REDUCE = 2            # reductions: split channels until the device is filled this often
 WAVES_ELEMENTWISE = 8       # elementwise: grid at most this many full device loads
 
-STAT_DTYPE = {"float16": "float32", "float32": "float32", "float64": "float64"}
+# data dtype -> stat dtype, for every dtype the kernels are instantiated for (one
+# module each); bfloat16 arrays are ml_dtypes' (CuPy names their dtype "bfloat16")
+STAT_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32",
+              "float64": "float64"}
 KERNELS = ("bn_stats_planes", "bn_stats_rows", "bn_normalize_planes", "bn_normalize_rows",
            "bn_backward_reduce_planes", "bn_backward_reduce_rows",
            "bn_backward_elemt_planes", "bn_backward_elemt_rows")
@@ -67,7 +70,12 @@ def kernel_names(dtype):
 
 
 def compile_options(dtype):
-    """The compiler options of the module for ``dtype``: only its instantiations."""
+    """The compiler options of the module for ``dtype``: only its instantiations.
+
+    The float16 and bfloat16 modules include ``cuda_fp16.h`` / ``cuda_bf16.h``
+    (bfloat16's brings the float16 header of its own release), found on the CUDA
+    include paths CuPy adds to NVRTC's: a CUDA toolkit, or CuPy's ``[ctk]`` wheels.
+    """
     flags = tuple(f"-DFASTBN_{name.upper()}={int(name == dtype)}" for name in STAT_DTYPE)
     return ("-std=c++17",) + flags
 
@@ -255,7 +263,7 @@ class CupyBackend(Backend):
     name = "cupy"
     priority = 100
     devices = frozenset({"cuda"})
-    dtypes = frozenset({"float16", "float32", "float64"})
+    dtypes = frozenset({"float16", "bfloat16", "float32", "float64"})
 
     def is_available(self):
         if importlib.util.find_spec("cupy") is None:

@@ -1,10 +1,11 @@
 // CUDA kernels of fastbn: the math on the canonical (O, C, I) view, nothing else.
 //
 // Loaded by fastbn/_backends/cupy_gpu.py with cupy.RawModule (NVRTC); no host code.
-// Data arrays are C-contiguous (O, C, I) of T (float16 as __half, float32, float64);
-// per-channel vectors are (C,) of Acc, the statistics dtype: float for __half and
-// float, double for double. Every loaded value is converted to Acc, every result
-// is computed in Acc and rounded once (to nearest) on store.
+// Data arrays are C-contiguous (O, C, I) of T (float16 as __half, bfloat16 as
+// __nv_bfloat16, float32, float64); per-channel vectors are (C,) of Acc, the
+// statistics dtype: float for __half, __nv_bfloat16 and float, double for double.
+// Every loaded value is converted to Acc (exactly), every result is computed in
+// Acc and rounded once (to nearest even) on store.
 //
 // Two families, as in the CPU backends:
 //  * planes (I > 1): channel c is O runs of I contiguous values, C*I apart.
@@ -32,11 +33,15 @@
 // stops them, which the 32-bit rule leaves room for (arrays of < 2^30 elements).
 //
 // Which dtypes are instantiated is chosen by the loader, one module per dtype:
-// -DFASTBN_FLOAT16=0/1, -DFASTBN_FLOAT32=0/1, -DFASTBN_FLOAT64=0/1 (all three
-// by default). Kernel names carry every parameter: bn_<kernel>_<dtype>_<i32|i64>.
+// -DFASTBN_FLOAT16=0/1, -DFASTBN_BFLOAT16=0/1, -DFASTBN_FLOAT32=0/1,
+// -DFASTBN_FLOAT64=0/1 (all four by default). Kernel names carry every
+// parameter: bn_<kernel>_<dtype>_<i32|i64>.
 
 #ifndef FASTBN_FLOAT16
 #define FASTBN_FLOAT16 1
+#endif
+#ifndef FASTBN_BFLOAT16
+#define FASTBN_BFLOAT16 1
 #endif
 #ifndef FASTBN_FLOAT32
 #define FASTBN_FLOAT32 1
@@ -45,6 +50,12 @@
 #define FASTBN_FLOAT64 1
 #endif
 
+// cuda_bf16.h first: it includes the cuda_fp16.h of its own directory, so the two
+// headers come from one CUDA release even where NVRTC's search path holds an
+// older bundled cuda_fp16.h (CuPy ships one for CUDA 11 and 12.0-12.1).
+#if FASTBN_BFLOAT16
+#include <cuda_bf16.h>
+#endif
 #if FASTBN_FLOAT16
 #include <cuda_fp16.h>
 #endif
@@ -64,6 +75,14 @@ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 #if FASTBN_FLOAT16
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+#endif
+#if FASTBN_BFLOAT16
+// bfloat16 -> float is exact (the upper half of a float); float -> bfloat16 rounds
+// to nearest even (finite values past the largest bfloat16 become inf, NaN stays NaN)
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) {
+    *p = __float2bfloat16_rn(v);
+}
 #endif
 
 // --- Welford / Chan ------------------------------------------------------------------
@@ -815,6 +834,10 @@ __device__ void backward_elemt_rows(const T* dy, const T* x, const Acc* __restri
 #if FASTBN_FLOAT16
 FASTBN_ENTRY_POINTS(float16, __half, float, i32, int)
 FASTBN_ENTRY_POINTS(float16, __half, float, i64, long long)
+#endif
+#if FASTBN_BFLOAT16
+FASTBN_ENTRY_POINTS(bfloat16, __nv_bfloat16, float, i32, int)
+FASTBN_ENTRY_POINTS(bfloat16, __nv_bfloat16, float, i64, long long)
 #endif
 #if FASTBN_FLOAT32
 FASTBN_ENTRY_POINTS(float32, float, float, i32, int)
