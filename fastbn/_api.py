@@ -168,8 +168,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
         PyTorch's order, before ``weight`` and ``bias``.
     training : bool, default True
         Use batch statistics (and update running ones) or running statistics.
-    momentum : float in [0, 1], default 0.1
-        Weight of the batch statistics in the running-statistics update.
+    momentum : float, default 0.1
+        Weight of the batch statistics in the running-statistics update; any finite
+        number, as in PyTorch (outside [0, 1] the average extrapolates). Checked only
+        when it is used (training with running statistics).
     eps : float > 0, default 1e-5
         Added to the variance before the square root.
     axis : int, default 1
@@ -191,7 +193,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     TypeError
         For a wrong type or dtype of any argument.
     ValueError
-        For wrong shapes or values (``eps <= 0``, ``momentum`` outside [0, 1],
+        For wrong shapes or values (``eps <= 0``, a non-finite ``momentum``,
         one value per channel when training, ...). Nothing is written then.
     BackendUnavailableError
         If the backend asked for cannot serve the call.

@@ -136,14 +136,16 @@ def _real(value, name):
 def check_eps(eps):
     eps = _real(eps, "eps")
     if not (eps > 0 and math.isfinite(eps)):
-        raise ArgumentError(f"eps: expected a finite number > 0, got {eps!r}")
+        raise ArgumentError(f"eps: expected a finite number > 0 (eps must be positive), "
+                            f"got {eps!r}")
     return eps
 
 
 def check_momentum(momentum):
+    """Any finite number, as PyTorch: outside [0, 1] the running average extrapolates."""
     momentum = _real(momentum, "momentum")
-    if not 0.0 <= momentum <= 1.0:  # also rejects NaN
-        raise ArgumentError(f"momentum: expected a number in [0, 1], got {momentum!r}")
+    if not math.isfinite(momentum):
+        raise ArgumentError(f"momentum: expected a finite number, got {momentum!r}")
     return momentum
 
 

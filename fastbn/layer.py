@@ -24,7 +24,7 @@ class BatchNorm:
         ``C``, the size of the channel axis.
     eps : float, default 1e-5
         Added to the variance before the square root.
-    momentum : float in [0, 1] or None, default 0.1
+    momentum : float or None, default 0.1
         Weight of the batch statistics in the running average; ``None`` gives a
         cumulative (equal-weight) average, factor ``1 / num_batches_tracked``.
         Note Flax's ``momentum`` is the weight of the *old* value: Flax 0.9 is ours 0.1.

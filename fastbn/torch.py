@@ -200,23 +200,30 @@ class _BatchNorm(torch.autograd.Function):
         input, weight, bias, _, _, training, _, eps, axis, backend = inputs
         _, mean, invstd, new_mean, new_var = output
         ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
+        ctx.set_materialize_grads(False)  # a missing tangent is None: running stats have none
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.save_for_forward(input, weight, mean, invstd)
         ctx.training, ctx.eps, ctx.axis, ctx.backend = training, eps, axis % input.dim(), backend
 
     @staticmethod
     def backward(ctx, dy, *_statistics_grads):
+        if dy is None:  # y was not used
+            return (None,) * 10
         input, weight, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = _BatchNormBackward.apply(dy, input, weight, mean, invstd,
-                                                      ctx.training, ctx.eps, ctx.axis,
-                                                      ctx.backend)
+        function = (_BatchNormBackward if torch.compiler.is_compiling()
+                    else _BatchNormBackwardWithJvp)
+        dx, dweight, dbias = function.apply(dy, input, weight, mean, invstd, ctx.training,
+                                            ctx.eps, ctx.axis, ctx.backend)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         param = weight.dtype if weight is not None else dbias.dtype
         return (dx if need_x else None, dweight.to(param) if need_w else None,
                 dbias.to(param) if need_b else None, None, None, None, None, None, None, None)
 
     @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, *_):
+    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, *_):
+        if input_t is not None and (running_mean_t is not None or running_var_t is not None):
+            raise RuntimeError("batch_norm is not differentiable wrt running_mean and "
+                               "running_var, they cannot have forward grad defined")
         input, weight, mean, invstd = ctx.saved_tensors
         axis, x = ctx.axis, input.to(mean.dtype)
         scale, xhat = _scale_and_xhat(x, mean, invstd, ctx.eps, ctx.training, axis)
@@ -254,21 +261,44 @@ class _BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ddx, ddweight, ddbias):
         dy, input, weight, mean, invstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        with torch.enable_grad():
-            leaves = [None if t is None else t.detach().requires_grad_(need)
-                      for t, need in zip((dy, input, weight), needs)]
-            outputs = _gradients(*leaves, mean, invstd, ctx.eps, ctx.training, ctx.axis)
-            pairs = [(o, g.to(o.dtype)) for o, g in zip(outputs, (ddx, ddweight, ddbias))
-                     if g is not None]
-            wanted = [leaf for leaf, need in zip(leaves, needs) if need and leaf is not None]
-            grads = iter(torch.autograd.grad(
-                [o for o, _ in pairs], wanted, [g for _, g in pairs],
-                create_graph=torch.is_grad_enabled(), allow_unused=True, materialize_grads=True)
-                if wanted else ())
-        result = [next(grads) if need and t is not None else None
-                  for t, need in zip((dy, input, weight), needs)]
-        return (*result, None, None, None, None, None, None)
+        outputs, vjp = _formula_vjp(ctx, dy, input, weight, mean, invstd)
+        cotangents = [torch.zeros_like(o) if g is None else g.to(o.dtype)
+                      for o, g in zip(outputs, (ddx, ddweight, ddbias))]
+        grads = list(vjp(tuple(cotangents))) + [None] * (weight is None)
+        return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])],
+                None, None, None, None, None, None)
+
+
+def _formula_vjp(ctx, dy, input, weight, mean, invstd):
+    """torch.func.vjp of the gradient formula at (dy, input[, weight]): composes with
+    torch.func transforms and with create_graph (it is differentiable itself)."""
+    def gradients(dy, input, weight=None):
+        return _gradients(dy, input, weight, mean, invstd, ctx.eps, ctx.training, ctx.axis)
+    primals = (dy, input) if weight is None else (dy, input, weight)
+    return torch.func.vjp(gradients, *primals)
+
+
+class _BatchNormBackwardWithJvp(_BatchNormBackward):
+    """Eager twin with forward mode too (forward-over-reverse); Dynamo traces no jvp, so
+    compiled code uses :class:`_BatchNormBackward`."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _BatchNormBackward.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:5])
+
+    @staticmethod
+    def jvp(ctx, dy_t, input_t, weight_t, *_):
+        dy, input, weight, mean, invstd = ctx.saved_tensors
+        primals = [t for t in (dy, input, weight) if t is not None]
+        tangents = [torch.zeros_like(p) if t is None else t
+                    for p, t in zip(primals, (dy_t, input_t, weight_t))]
+
+        # J t through reverse mode twice (nested forward mode is not supported): the vjp
+        # u -> J^T u is linear, and its own vjp at t is J t
+        outputs, vjp = _formula_vjp(ctx, dy, input, weight, mean, invstd)
+        _, vjp_of_vjp = torch.func.vjp(vjp, tuple(torch.zeros_like(o) for o in outputs))
+        return vjp_of_vjp(tuple(t.to(p.dtype) for p, t in zip(primals, tangents)))[0]
 
 
 # The compiled path: Dynamo traces no autograd.Function that has a jvp, so under
@@ -298,6 +328,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     reverse mode (to any order) and forward mode; ``torch.func`` transforms,
     ``torch.compile`` and ``torch.export`` work.
     """
+    if input.dim() == 1 and input.numel() == 0:  # torch's (0,) input: no channels at all
+        return batch_norm(input.view(0, 0), running_mean, running_var, weight, bias, training,
+                          momentum, eps, axis=axis, backend=backend).view(0)
     args = (input, weight, bias, running_mean, running_var, bool(training), float(momentum),
             float(eps), int(axis), _backend_name(backend))
     apply = _forward_op if torch.compiler.is_compiling() else _BatchNorm.apply

@@ -134,7 +134,7 @@ def test_wrong_dtype_for_layer():
     with pytest.raises(ValueError, match="num_features"):
         fastbn.BatchNorm(0)
     with pytest.raises(ValueError, match="momentum"):
-        fastbn.BatchNorm(3, momentum=2)
+        fastbn.BatchNorm(3, momentum=float("nan"))
 
 
 def test_layer_names_its_num_features_when_channels_differ():

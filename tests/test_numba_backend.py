@@ -48,7 +48,7 @@ def test_registered_with_priority_below_cython():
     info = {b.name: b for b in fastbn.backends()}
     assert info["numba"].priority == 50
     assert info["numba"].devices == {"cpu"}
-    assert info["numba"].dtypes == {"float16", "float32", "float64"}
+    assert info["numba"].dtypes == {"float16", "bfloat16", "float32", "float64"}
     assert info["numba"].available == HAVE_NUMBA
     if "cython" in info:
         assert info["cython"].priority > info["numba"].priority

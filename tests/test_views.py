@@ -78,8 +78,11 @@ def test_running_statistics_in_the_data_dtype(rng):
 
 
 def test_momentum_is_checked_only_where_it_is_used():
-    x = np.ones((4, 3), np.float32)
+    """As torch: any finite momentum (outside [0, 1] it extrapolates), unchecked in eval."""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    fastbn.batch_norm(x, rm, rv, training=False, momentum=5.0)   # eval: unused, as torch
+    fastbn.batch_norm(x, rm, rv, training=False, momentum=float("nan"))  # eval: unused
+    fastbn.batch_norm(x, rm, rv, training=True, momentum=-1.0)
+    np.testing.assert_allclose(rm, -x.mean(axis=0))               # 2 * 0 - 1 * mean
     with np.testing.assert_raises(ValueError):
-        fastbn.batch_norm(x, rm, rv, training=True, momentum=5.0)
+        fastbn.batch_norm(x, rm, rv, training=True, momentum=float("nan"))
