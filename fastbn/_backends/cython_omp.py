@@ -1,8 +1,9 @@
 """The Cython + OpenMP CPU backend: a thin adapter over ``fastbn._kernels._bn_omp``.
 
 The adapter holds no math: it resolves the thread count for each call, hands
-float16 data to the kernels as its uint16 bit pattern (Cython memoryviews have
-no half type) and returns what the kernels return. The compiled module is
+float16 and bfloat16 data to the kernels as its uint16 bit pattern (Cython
+memoryviews have no 16-bit float type) with the kernels' ``bf16`` flag saying
+which of the two it is, and returns what the kernels return. The compiled module is
 imported lazily, so a broken or missing build makes this backend unavailable
 instead of breaking ``import fastbn``.
 """
@@ -25,12 +26,18 @@ def _kernels():
 
 
 def _bits(a):
-    """float16 arrays travel to the kernels as uint16 views (no copy)."""
-    return a.view(np.uint16) if a.dtype == np.float16 else a
+    """16-bit float arrays (float16, ml_dtypes' bfloat16) travel to the kernels as
+    uint16 views (no copy)."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _bf16(a):
+    """The kernels' ``bf16`` flag: True when the data is bfloat16 (not float16)."""
+    return a.dtype.name == "bfloat16"
 
 
 class CythonBackend(Backend):
-    """Cython + OpenMP kernels for float16/float32/float64 on the CPU.
+    """Cython + OpenMP kernels for float16/bfloat16/float32/float64 on the CPU.
 
     Kernels run with ``fastbn.get_num_threads()`` threads, read at each call,
     and release the GIL for the whole computation. The fused training paths
@@ -42,7 +49,7 @@ class CythonBackend(Backend):
     name = "cython"
     priority = 100
     devices = frozenset({"cpu"})
-    dtypes = frozenset({"float16", "float32", "float64"})
+    dtypes = frozenset({"float16", "bfloat16", "float32", "float64"})
 
     def is_available(self):
         try:
@@ -53,25 +60,27 @@ class CythonBackend(Backend):
         return True, ""
 
     def stats(self, x3):
-        return _kernels().stats(_bits(x3), get_num_threads())
+        return _kernels().stats(_bits(x3), get_num_threads(), _bf16(x3))
 
     def normalize(self, x3, mean, scale, shift, y3):
-        _kernels().normalize(_bits(x3), mean, scale, shift, _bits(y3), get_num_threads())
+        _kernels().normalize(_bits(x3), mean, scale, shift, _bits(y3), get_num_threads(),
+                             _bf16(x3))
 
     def backward_reduce(self, dy3, x3, mean):
-        return _kernels().backward_reduce(_bits(dy3), _bits(x3), mean, get_num_threads())
+        return _kernels().backward_reduce(_bits(dy3), _bits(x3), mean, get_num_threads(),
+                                          _bf16(x3))
 
     def backward_elemt(self, dy3, x3, mean, k_dy, k_x, k_c, dx3):
         _kernels().backward_elemt(_bits(dy3), _bits(x3), mean, k_dy, k_x, k_c, _bits(dx3),
-                                  get_num_threads())
+                                  get_num_threads(), _bf16(x3))
 
     def forward_train(self, x3, weight, bias, eps, y3):
         return _kernels().forward_train(_bits(x3), weight, bias, float(eps), _bits(y3),
-                                        get_num_threads())
+                                        get_num_threads(), _bf16(x3))
 
     def backward_train(self, dy3, x3, mean, invstd, weight, dx3):
         return _kernels().backward_train(_bits(dy3), _bits(x3), mean, invstd, weight,
-                                         _bits(dx3), get_num_threads())
+                                         _bits(dx3), get_num_threads(), _bf16(x3))
 
 
 backend = CythonBackend()

@@ -6,10 +6,14 @@ This module holds only math on C-contiguous buffers. Every kernel takes
 for the whole computation.
 
 Data arrays are the canonical ``(O, C, I)`` view, C-contiguous, of float32,
-float64, or float16 passed as its uint16 bit pattern (``x.view(np.uint16)``).
-Per-channel vectors have the stat dtype: float32 for float16/float32 data,
-float64 for float64 data. float16 is converted to float32 on load and rounded
-back (to nearest even) on store.
+float64, or a 16-bit float passed as its uint16 bit pattern
+(``x.view(np.uint16)``): float16, or bfloat16 when the kernel is called with
+``bf16=True`` (every kernel takes the flag; it names the format of uint16
+data and is an error with any other). Per-channel vectors have the stat dtype:
+float32 for float16/bfloat16/float32 data, float64 for float64 data. 16-bit
+data is converted to float32 on load (exactly) and rounded back to nearest
+even on store (a NaN stays a NaN, overflow gives inf); the arithmetic in
+between is the float32 path's.
 
 Two kernel families:
 
@@ -58,31 +62,32 @@ cdef extern from "_bn_simd.h" nogil:
                         double n_b, double mean_b, double m2_b)
     void fbn_add_tile(double *cnt, double *K, double *S1, double *S2,
                       double n_t, double k, double s1, double s2)
-    void fbn_h2f(const uint16_t *h, float *f, Py_ssize_t n)
-    float fbn_half_to_float(uint16_t h)
-    void fbn_store_half(uint16_t *dst, const float *src, Py_ssize_t n, int stream)
-    int fbn_f16c_get()
-    double fbn_sum_h16(const uint16_t *x, Py_ssize_t n, const uint16_t *pf)
-    void fbn_shifted_sums_h16(const uint16_t *x, Py_ssize_t n, float k, double *s1, double *s2,
-                              const uint16_t *pf)
-    void fbn_dot_xmu_h16(const uint16_t *dy, const uint16_t *x, Py_ssize_t n, float m,
+    # 16-bit data (uint16 bit patterns); bf16 names the format: 0 float16, 1 bfloat16
+    void fbn_u2f(int bf16, const uint16_t *h, float *f, Py_ssize_t n)
+    void fbn_store_u16(int bf16, uint16_t *dst, const float *src, Py_ssize_t n, int stream)
+    int fbn_u16_regs(int bf16)
+    double fbn_sum_u16(int bf16, const uint16_t *x, Py_ssize_t n, const uint16_t *pf)
+    void fbn_shifted_sums_u16(int bf16, const uint16_t *x, Py_ssize_t n, float k, double *s1,
+                              double *s2, const uint16_t *pf)
+    void fbn_dot_xmu_u16(int bf16, const uint16_t *dy, const uint16_t *x, Py_ssize_t n, float m,
                          double *sdy, double *sdyxmu, Py_ssize_t pf)
-    void fbn_rows_stats_wide_h16(const uint16_t *x, Py_ssize_t ld, Py_ssize_t R, Py_ssize_t w,
-                                 double n_old, float *k, double *anchor, double *off,
-                                 double *m2, Py_ssize_t pfd, const uint16_t *pf_end)
-    void fbn_rows_dot_wide_h16(const uint16_t *dy, const uint16_t *x, Py_ssize_t ld,
+    void fbn_rows_stats_wide_u16(int bf16, const uint16_t *x, Py_ssize_t ld, Py_ssize_t R,
+                                 Py_ssize_t w, double n_old, float *k, double *anchor,
+                                 double *off, double *m2, Py_ssize_t pfd,
+                                 const uint16_t *pf_end)
+    void fbn_rows_dot_wide_u16(int bf16, const uint16_t *dy, const uint16_t *x, Py_ssize_t ld,
                                Py_ssize_t R, Py_ssize_t w, const float *m, double *sdy,
                                double *sdyxmu, Py_ssize_t pfd, const uint16_t *pf_end)
-    int fbn_affine_h16(const uint16_t *x, uint16_t *y, Py_ssize_t n, float m, float s,
-                       float b, int stream)
-    int fbn_elemt_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx, Py_ssize_t n,
-                      float m, float kdy, float kx, float kc, int stream)
-    int fbn_rows_affine_h16(const uint16_t *x, uint16_t *y, Py_ssize_t n, Py_ssize_t c0,
-                            Py_ssize_t P, const float *m, const float *s, const float *b,
-                            int stream)
-    int fbn_rows_elemt_h16(const uint16_t *dy, const uint16_t *x, uint16_t *dx, Py_ssize_t n,
-                           Py_ssize_t c0, Py_ssize_t P, const float *m, const float *kdy,
-                           const float *kx, const float *kc, int stream)
+    int fbn_affine_u16(int bf16, const uint16_t *x, uint16_t *y, Py_ssize_t n, float m,
+                       float s, float b, int stream)
+    int fbn_elemt_u16(int bf16, const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                      Py_ssize_t n, float m, float kdy, float kx, float kc, int stream)
+    int fbn_rows_affine_u16(int bf16, const uint16_t *x, uint16_t *y, Py_ssize_t n,
+                            Py_ssize_t c0, Py_ssize_t P, const float *m, const float *s,
+                            const float *b, int stream)
+    int fbn_rows_elemt_u16(int bf16, const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                           Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P, const float *m,
+                           const float *kdy, const float *kx, const float *kc, int stream)
 
     double fbn_sum_f32(const float *x, Py_ssize_t n, const float *pf)
     double fbn_sum_f64(const double *x, Py_ssize_t n, const double *pf)
@@ -139,7 +144,8 @@ cdef extern from "_bn_simd.h" nogil:
                                 int stream)
 
 
-# float16 travels as its bit pattern: Cython memoryviews have no half type.
+# float16 and bfloat16 travel as their bit pattern (Cython memoryviews have no
+# 16-bit float type); the kernels' `bf16` flag says which of the two it is.
 ctypedef fused data_t:
     uint16_t
     float
@@ -178,6 +184,9 @@ cdef enum:
 # never fused.
 cdef Py_ssize_t _fuse_fwd_max = 786432
 cdef Py_ssize_t _fuse_bwd_max = 917504
+
+
+_BF16_DATA = "bf16=True: expected bfloat16 data as its uint16 bit pattern"
 
 
 def _fuse_limits(fwd_bytes=None, bwd_bytes=None):
@@ -257,13 +266,13 @@ cdef inline Py_ssize_t _cut(Py_ssize_t n, int t, int T) noexcept nogil:
 
 cdef inline void _stats_run(const data_t *x, Py_ssize_t n, double *cnt, double *K,
                             double *S1, double *S2, float *scratch,
-                            Py_ssize_t pf) noexcept nogil:
+                            Py_ssize_t pf, bint bf16) noexcept nogil:
     """Add the statistics of x[:n] (one channel) to its state (cnt, K, S1, S2).
 
     Shifted sums per tile, the shift being the channel's running mean (for the
     first tile its own mean: a second pass over the tile while it is in L1), so
     the tile sums never cancel; see fbn_add_tile. pf != 0: prefetch
-    x[pf:pf + n] alongside (float32/float64 data)."""
+    x[pf:pf + n] alongside. bf16: 16-bit data is bfloat16, not float16."""
     cdef Py_ssize_t i = 0, nt
     cdef double s1, s2, k
     cdef float kf
@@ -276,19 +285,20 @@ cdef inline void _stats_run(const data_t *x, Py_ssize_t n, double *cnt, double *
             else:
                 k = K[0] + S1[0] / cnt[0]
             fbn_shifted_sums_f64(x + i, nt, k, &s1, &s2, x + i + pf if pf else NULL)
-        elif data_t is uint16_t and fbn_f16c_get():
-            # F16C: halves converted in registers, as the float32 loops on a tile
+        elif data_t is uint16_t and fbn_u16_regs(bf16):
+            # F16C (float16) or AVX2 (bfloat16): 16-bit values converted in
+            # registers, as the float32 loops on a tile
             if cnt[0] == 0:
-                kf = <float>(fbn_sum_h16(x + i, nt, NULL) / nt)
+                kf = <float>(fbn_sum_u16(bf16, x + i, nt, NULL) / nt)
             else:
                 kf = <float>(K[0] + S1[0] / cnt[0])
-            fbn_shifted_sums_h16(x + i, nt, kf, &s1, &s2, x + i + pf if pf else NULL)
+            fbn_shifted_sums_u16(bf16, x + i, nt, kf, &s1, &s2, x + i + pf if pf else NULL)
             k = kf
         else:
             if data_t is float:
                 xf = x + i
             else:
-                fbn_h2f(x + i, scratch, nt)
+                fbn_u2f(bf16, x + i, scratch, nt)
                 xf = scratch
             if cnt[0] == 0:
                 kf = <float>(fbn_sum_f32(xf, nt, NULL) / nt)
@@ -305,7 +315,7 @@ cdef inline void _stats_run(const data_t *x, Py_ssize_t n, double *cnt, double *
 
 cdef inline void _dot_run(const data_t *dy, const data_t *x, Py_ssize_t n, double m,
                           double *sdy, double *sdyxmu, float *scratch,
-                          Py_ssize_t pf) noexcept nogil:
+                          Py_ssize_t pf, bint bf16) noexcept nogil:
     """sdy += sum(dy[:n]), sdyxmu += sum(dy*(x - m)); float partial sums per tile."""
     cdef Py_ssize_t i = 0, nt
     cdef double a, b
@@ -315,11 +325,11 @@ cdef inline void _dot_run(const data_t *dy, const data_t *x, Py_ssize_t n, doubl
             fbn_dot_xmu_f64(dy + i, x + i, nt, m, &a, &b, pf)
         elif data_t is float:
             fbn_dot_xmu_f32(dy + i, x + i, nt, <float>m, &a, &b, pf)
-        elif fbn_f16c_get():
-            fbn_dot_xmu_h16(dy + i, x + i, nt, <float>m, &a, &b, pf)
+        elif fbn_u16_regs(bf16):
+            fbn_dot_xmu_u16(bf16, dy + i, x + i, nt, <float>m, &a, &b, pf)
         else:
-            fbn_h2f(dy + i, scratch, nt)
-            fbn_h2f(x + i, scratch + TILE, nt)
+            fbn_u2f(bf16, dy + i, scratch, nt)
+            fbn_u2f(bf16, x + i, scratch + TILE, nt)
             fbn_dot_xmu_f32(scratch, scratch + TILE, nt, <float>m, &a, &b, 0)
         sdy[0] += a
         sdyxmu[0] += b
@@ -327,46 +337,48 @@ cdef inline void _dot_run(const data_t *dy, const data_t *x, Py_ssize_t n, doubl
 
 
 cdef inline void _affine_run(const data_t *x, data_t *y, Py_ssize_t n, double m, double s,
-                             double b, int stream, float *scratch) noexcept nogil:
+                             double b, int stream, float *scratch, bint bf16) noexcept nogil:
     """y[:n] = (x - m)*s + b."""
     cdef Py_ssize_t i = 0, nt
     if data_t is double:
         fbn_affine_out_f64(x, y, n, m, s, b, stream)
     elif data_t is float:
         fbn_affine_out_f32(x, y, n, <float>m, <float>s, <float>b, stream)
-    elif not fbn_affine_h16(x, y, n, <float>m, <float>s, <float>b, stream):
+    elif not fbn_affine_u16(bf16, x, y, n, <float>m, <float>s, <float>b, stream):
         while i < n:
             nt = TILE if n - i > TILE else n - i
-            fbn_h2f(x + i, scratch, nt)
+            fbn_u2f(bf16, x + i, scratch, nt)
             fbn_affine_f32(scratch, scratch, nt, <float>m, <float>s, <float>b)
-            fbn_store_half(y + i, scratch, nt, stream)
+            fbn_store_u16(bf16, y + i, scratch, nt, stream)
             i += nt
 
 
 cdef inline void _elemt_run(const data_t *dy, const data_t *x, data_t *dx, Py_ssize_t n,
                             double m, double kdy, double kx, double kc, int stream,
-                            float *scratch) noexcept nogil:
+                            float *scratch, bint bf16) noexcept nogil:
     """dx[:n] = kdy*dy + kx*(x - m) + kc."""
     cdef Py_ssize_t i = 0, nt
     if data_t is double:
         fbn_elemt_out_f64(dy, x, dx, n, m, kdy, kx, kc, stream)
     elif data_t is float:
         fbn_elemt_out_f32(dy, x, dx, n, <float>m, <float>kdy, <float>kx, <float>kc, stream)
-    elif not fbn_elemt_h16(dy, x, dx, n, <float>m, <float>kdy, <float>kx, <float>kc, stream):
+    elif not fbn_elemt_u16(bf16, dy, x, dx, n, <float>m, <float>kdy, <float>kx, <float>kc,
+                           stream):
         while i < n:
             nt = TILE if n - i > TILE else n - i
-            fbn_h2f(dy + i, scratch, nt)
-            fbn_h2f(x + i, scratch + TILE, nt)
+            fbn_u2f(bf16, dy + i, scratch, nt)
+            fbn_u2f(bf16, x + i, scratch + TILE, nt)
             fbn_elemt_f32(scratch, scratch + TILE, scratch, nt, <float>m, <float>kdy,
                           <float>kx, <float>kc)
-            fbn_store_half(dx + i, scratch, nt, stream)
+            fbn_store_u16(bf16, dx + i, scratch, nt, stream)
             i += nt
 
 
 # --- per-thread slices of the planes family ---------------------------------
 
 cdef void _planes_stats_range(const data_t *x, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t C,
-                              Py_ssize_t I, double *st, float *scratch) noexcept nogil:
+                              Py_ssize_t I, double *st, float *scratch,
+                              bint bf16) noexcept nogil:
     """Statistics of the flat slice [lo, hi) into per-channel states
     st = (cnt, K, S1, S2) x C (see fbn_add_tile). Prefetches PF_BYTES ahead:
     1 thread, M-shaped planes: 1.54x -> 1.04-1.11x one read; L 1.16x -> 1.0x."""
@@ -375,7 +387,7 @@ cdef void _planes_stats_range(const data_t *x, Py_ssize_t lo, Py_ssize_t hi, Py_
     while pos < hi:
         b = I if hi - pos >= I - a else a + (hi - pos)
         _stats_run(x + pos, b - a, st + c, st + C + c, st + 2 * C + c, st + 3 * C + c, scratch,
-                   pfa if pos + pfa < hi else 0)
+                   pfa if pos + pfa < hi else 0, bf16)
         pos += b - a
         a = 0
         c = c + 1 if c + 1 < C else 0
@@ -383,13 +395,13 @@ cdef void _planes_stats_range(const data_t *x, Py_ssize_t lo, Py_ssize_t hi, Py_
 
 cdef void _planes_dot_range(const data_t *dy, const data_t *x, Py_ssize_t lo, Py_ssize_t hi,
                             Py_ssize_t C, Py_ssize_t I, const stat_t *mean, double *sdy,
-                            double *sdyxmu, float *scratch) noexcept nogil:
+                            double *sdyxmu, float *scratch, bint bf16) noexcept nogil:
     cdef Py_ssize_t pos = lo, p = lo // I, a = lo - p * I, b, c = p % C
     cdef Py_ssize_t pfa = PF_BYTES // sizeof(data_t)
     while pos < hi:
         b = I if hi - pos >= I - a else a + (hi - pos)
         _dot_run(dy + pos, x + pos, b - a, mean[c], sdy + c, sdyxmu + c, scratch,
-                 pfa if pos + pfa < hi else 0)
+                 pfa if pos + pfa < hi else 0, bf16)
         pos += b - a
         a = 0
         c = c + 1 if c + 1 < C else 0
@@ -398,12 +410,13 @@ cdef void _planes_dot_range(const data_t *dy, const data_t *x, Py_ssize_t lo, Py
 cdef void _planes_affine_range(const data_t *x, data_t *y, Py_ssize_t lo, Py_ssize_t hi,
                                Py_ssize_t C, Py_ssize_t I, const stat_t *mean,
                                const stat_t *scale, const stat_t *shift, int stream,
-                               float *scratch) noexcept nogil:
+                               float *scratch, bint bf16) noexcept nogil:
     """Normalize the flat slice [lo, hi) in memory order (not channel order)."""
     cdef Py_ssize_t pos = lo, p = lo // I, a = lo - p * I, b, c = p % C
     while pos < hi:
         b = I if hi - pos >= I - a else a + (hi - pos)
-        _affine_run(x + pos, y + pos, b - a, mean[c], scale[c], shift[c], stream, scratch)
+        _affine_run(x + pos, y + pos, b - a, mean[c], scale[c], shift[c], stream, scratch,
+                    bf16)
         pos += b - a
         a = 0
         c = c + 1 if c + 1 < C else 0
@@ -414,12 +427,12 @@ cdef void _planes_affine_range(const data_t *x, data_t *y, Py_ssize_t lo, Py_ssi
 cdef void _planes_elemt_range(const data_t *dy, const data_t *x, data_t *dx, Py_ssize_t lo,
                               Py_ssize_t hi, Py_ssize_t C, Py_ssize_t I, const stat_t *mean,
                               const stat_t *kdy, const stat_t *kx, const stat_t *kc,
-                              int stream, float *scratch) noexcept nogil:
+                              int stream, float *scratch, bint bf16) noexcept nogil:
     cdef Py_ssize_t pos = lo, p = lo // I, a = lo - p * I, b, c = p % C
     while pos < hi:
         b = I if hi - pos >= I - a else a + (hi - pos)
         _elemt_run(dy + pos, x + pos, dx + pos, b - a, mean[c], kdy[c], kx[c], kc[c],
-                   stream, scratch)
+                   stream, scratch, bf16)
         pos += b - a
         a = 0
         c = c + 1 if c + 1 < C else 0
@@ -431,7 +444,7 @@ cdef void _planes_elemt_range(const data_t *dy, const data_t *x, data_t *dx, Py_
 
 cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
                             Py_ssize_t c1, Py_ssize_t C, double *st, void *kbuf, float *scratch,
-                            Py_ssize_t R) noexcept nogil:
+                            Py_ssize_t R, bint bf16) noexcept nogil:
     """Statistics of rows [r0, r1) x channels [c0, c1), R rows per tile, rows
     walked in memory order with the tile's partial sums in L1 (wide blocks of
     up to FBN_WIDE channels), tiles merged per channel (Chan)."""
@@ -457,7 +470,7 @@ cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ss
     for i in range(r0, r0 + rt):
         if data_t is uint16_t:
             # a row converted at once (scratch holds R*C floats), summed in order
-            fbn_h2f(x + i * C + c0, scratch, c1 - c0)
+            fbn_u2f(bf16, x + i * C + c0, scratch, c1 - c0)
             for c in range(c0, c1):
                 st[C + c] += scratch[c - c0]
         else:
@@ -481,12 +494,12 @@ cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ss
                                         st + C + cb, st + 2 * C + cb, st + 3 * C + cb,
                                         pfd, x + r1 * C)
                 cb += w
-        elif data_t is uint16_t and fbn_f16c_get():
-            # F16C: halves converted in registers, no float32 tile
+        elif data_t is uint16_t and fbn_u16_regs(bf16):
+            # F16C (float16) or AVX2 (bfloat16): converted in registers, no float32 tile
             cb = c0
             while cb < c1:
                 w = FBN_WIDE if c1 - cb > FBN_WIDE else c1 - cb
-                fbn_rows_stats_wide_h16(x + r * C + cb, C, rt, w, n_old, kf + cb,
+                fbn_rows_stats_wide_u16(bf16, x + r * C + cb, C, rt, w, n_old, kf + cb,
                                         st + C + cb, st + 2 * C + cb, st + 3 * C + cb,
                                         pfd, x + r1 * C)
                 cb += w
@@ -497,7 +510,7 @@ cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ss
             else:
                 ld = c1 - c0
                 for i in range(rt):
-                    fbn_h2f(x + (r + i) * C + c0, scratch + i * ld, ld)
+                    fbn_u2f(bf16, x + (r + i) * C + c0, scratch + i * ld, ld)
                 xf = scratch
             cb = c0
             while cb < c1:
@@ -523,7 +536,7 @@ cdef void _rows_stats_range(const data_t *x, Py_ssize_t r0, Py_ssize_t r1, Py_ss
 cdef void _rows_dot_range(const data_t *dy, const data_t *x, Py_ssize_t r0, Py_ssize_t r1,
                           Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, const stat_t *mean,
                           double *sdy, double *sdyxmu, float *scratch,
-                          Py_ssize_t R) noexcept nogil:
+                          Py_ssize_t R, bint bf16) noexcept nogil:
     cdef Py_ssize_t r = r0, rt, cb, w, i, ld
     cdef Py_ssize_t pfd = _pf_rows(C, 2 * sizeof(data_t)) * C
     cdef const float *gf
@@ -538,11 +551,11 @@ cdef void _rows_dot_range(const data_t *dy, const data_t *x, Py_ssize_t r0, Py_s
                                       <const double *>(mean + cb), sdy + cb, sdyxmu + cb,
                                       pfd, x + r1 * C)
                 cb += w
-        elif data_t is uint16_t and fbn_f16c_get():
+        elif data_t is uint16_t and fbn_u16_regs(bf16):
             cb = c0
             while cb < c1:
                 w = FBN_WIDE if c1 - cb > FBN_WIDE else c1 - cb
-                fbn_rows_dot_wide_h16(dy + r * C + cb, x + r * C + cb, C, rt, w,
+                fbn_rows_dot_wide_u16(bf16, dy + r * C + cb, x + r * C + cb, C, rt, w,
                                       <const float *>(mean + cb), sdy + cb, sdyxmu + cb,
                                       pfd, x + r1 * C)
                 cb += w
@@ -554,8 +567,8 @@ cdef void _rows_dot_range(const data_t *dy, const data_t *x, Py_ssize_t r0, Py_s
             else:
                 ld = c1 - c0
                 for i in range(rt):
-                    fbn_h2f(dy + (r + i) * C + c0, scratch + i * ld, ld)
-                    fbn_h2f(x + (r + i) * C + c0, scratch + (rt + i) * ld, ld)
+                    fbn_u2f(bf16, dy + (r + i) * C + c0, scratch + i * ld, ld)
+                    fbn_u2f(bf16, x + (r + i) * C + c0, scratch + (rt + i) * ld, ld)
                 gf = scratch
                 xf = scratch + rt * ld
             cb = c0
@@ -575,7 +588,7 @@ cdef void _rows_dot_range(const data_t *dy, const data_t *x, Py_ssize_t r0, Py_s
 
 cdef void _rows_affine_range(const data_t *x, data_t *y, Py_ssize_t lo, Py_ssize_t hi,
                              Py_ssize_t P, const stat_t *m, const stat_t *s, const stat_t *b,
-                             int stream, float *scratch) noexcept nogil:
+                             int stream, float *scratch, bint bf16) noexcept nogil:
     """Normalize the flat slice [lo, hi) of an (O, C) array; constants of period P."""
     cdef Py_ssize_t i = lo, nt
     if data_t is double:
@@ -584,14 +597,15 @@ cdef void _rows_affine_range(const data_t *x, data_t *y, Py_ssize_t lo, Py_ssize
     elif data_t is float:
         fbn_rows_affine_out_f32(x + lo, y + lo, hi - lo, lo % P, P, <const float *>m,
                                 <const float *>s, <const float *>b, stream)
-    elif not fbn_rows_affine_h16(x + lo, y + lo, hi - lo, lo % P, P, <const float *>m,
-                                 <const float *>s, <const float *>b, stream):
+    elif not fbn_rows_affine_u16(bf16, x + lo, y + lo, hi - lo, lo % P, P,
+                                 <const float *>m, <const float *>s, <const float *>b,
+                                 stream):
         while i < hi:
             nt = TILE if hi - i > TILE else hi - i
-            fbn_h2f(x + i, scratch, nt)
+            fbn_u2f(bf16, x + i, scratch, nt)
             fbn_rows_affine_f32(scratch, scratch, nt, i % P, P, <const float *>m,
                                 <const float *>s, <const float *>b)
-            fbn_store_half(y + i, scratch, nt, stream)
+            fbn_store_u16(bf16, y + i, scratch, nt, stream)
             i += nt
     if stream:
         fbn_sfence()
@@ -600,7 +614,7 @@ cdef void _rows_affine_range(const data_t *x, data_t *y, Py_ssize_t lo, Py_ssize
 cdef void _rows_elemt_range(const data_t *dy, const data_t *x, data_t *dx, Py_ssize_t lo,
                             Py_ssize_t hi, Py_ssize_t P, const stat_t *m, const stat_t *kdy,
                             const stat_t *kx, const stat_t *kc, int stream,
-                            float *scratch) noexcept nogil:
+                            float *scratch, bint bf16) noexcept nogil:
     cdef Py_ssize_t i = lo, nt
     if data_t is double:
         fbn_rows_elemt_out_f64(dy + lo, x + lo, dx + lo, hi - lo, lo % P, P,
@@ -610,17 +624,17 @@ cdef void _rows_elemt_range(const data_t *dy, const data_t *x, data_t *dx, Py_ss
         fbn_rows_elemt_out_f32(dy + lo, x + lo, dx + lo, hi - lo, lo % P, P,
                                <const float *>m, <const float *>kdy, <const float *>kx,
                                <const float *>kc, stream)
-    elif not fbn_rows_elemt_h16(dy + lo, x + lo, dx + lo, hi - lo, lo % P, P,
+    elif not fbn_rows_elemt_u16(bf16, dy + lo, x + lo, dx + lo, hi - lo, lo % P, P,
                                 <const float *>m, <const float *>kdy, <const float *>kx,
                                 <const float *>kc, stream):
         while i < hi:
             nt = TILE if hi - i > TILE else hi - i
-            fbn_h2f(dy + i, scratch, nt)
-            fbn_h2f(x + i, scratch + TILE, nt)
+            fbn_u2f(bf16, dy + i, scratch, nt)
+            fbn_u2f(bf16, x + i, scratch + TILE, nt)
             fbn_rows_elemt_f32(scratch, scratch + TILE, scratch, nt, i % P, P,
                                <const float *>m, <const float *>kdy, <const float *>kx,
                                <const float *>kc)
-            fbn_store_half(dx + i, scratch, nt, stream)
+            fbn_store_u16(bf16, dx + i, scratch, nt, stream)
             i += nt
     if stream:
         fbn_sfence()
@@ -672,7 +686,8 @@ cdef void _merge_sums(double[:, :, ::1] st, int T, stat_t[::1] a_out,  # IN, _, 
 
 
 def _scratch(data_kind, int T, Py_ssize_t per_thread):
-    """Per-thread float32 staging for float16 data (a token array otherwise)."""
+    """Per-thread float32 staging for 16-bit data, data_kind "float16" (float16
+    or bfloat16; a token array otherwise)."""
     if data_kind == "float16":
         return np.empty((T, max(per_thread, 2 * TILE)), dtype=np.float32)
     return np.empty((T, 1), dtype=np.float32)
@@ -713,11 +728,12 @@ def _expand(v, Py_ssize_t C):
 # kernels
 # ----------------------------------------------------------------------------
 
-def stats(const data_t[:, :, ::1] x, int n_threads=1):  # IN
+def stats(const data_t[:, :, ::1] x, int n_threads=1, bint bf16=False):  # IN
     """Per-channel ``mean`` and ``m2 = sum((x - mean)**2)`` over axes 0 and 2.
 
     One read of ``x``; shifted sums per tile about the running mean, tiles and
-    threads merged in double with Chan's formula.
+    threads merged in double with Chan's formula. ``bf16=True``: ``x`` (uint16)
+    holds bfloat16, not float16 (so in every kernel below).
 
     Returns
     -------
@@ -727,16 +743,18 @@ def stats(const data_t[:, :, ::1] x, int n_threads=1):  # IN
         dt = np.float64
     else:
         dt = np.float32
-    mean, m2 = _stats64(x, n_threads)
+    mean, m2 = _stats64(x, n_threads, bf16)
     return mean.astype(dt), m2.astype(dt)
 
 
-def _stats64(const data_t[:, :, ::1] x, int n_threads):  # IN
+def _stats64(const data_t[:, :, ::1] x, int n_threads, bint bf16):  # IN
     """stats() with float64 results (forward_train folds with the exact mean)."""
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t N = O * C * I, R = _row_tile(C), c0, c1, blk
     cdef int T = _team(N, n_threads), t
     cdef bint by_rows = _split_rows(O, T)
+    if bf16 and data_t is not uint16_t:
+        raise TypeError(_BF16_DATA)
     mean = np.empty(C, dtype=np.float64)
     m2 = np.empty(C, dtype=np.float64)
     if N == 0:
@@ -758,7 +776,7 @@ def _stats64(const data_t[:, :, ::1] x, int n_threads):  # IN
         with nogil:
             for t in prange(T, schedule='static', num_threads=T):
                 _planes_stats_range(xp, _cut(N, t, T), _cut(N, t + 1, T), C, I,
-                                    &st[t, 0, 0], &scr[t, 0])
+                                    &st[t, 0, 0], &scr[t, 0], bf16)
     else:
         if _kind_of(x) == "float16" and R * C > 1 << 20:
             R = max(1, (1 << 20) // C)
@@ -768,12 +786,12 @@ def _stats64(const data_t[:, :, ::1] x, int n_threads):  # IN
             for t in prange(T, schedule='static', num_threads=T):
                 if by_rows:
                     _rows_stats_range(xp, _cut(O, t, T), _cut(O, t + 1, T), 0, C, C,
-                                      &st[t, 0, 0], kbuf + t * kstride, &scr[t, 0], R)
+                                      &st[t, 0, 0], kbuf + t * kstride, &scr[t, 0], R, bf16)
                 else:
                     c0 = _cut(C // blk, t, T) * blk
                     c1 = C if t == T - 1 else _cut(C // blk, t + 1, T) * blk
                     _rows_stats_range(xp, 0, O, c0, c1, C, &st[t, 0, 0],
-                                      kbuf + t * kstride, &scr[t, 0], R)
+                                      kbuf + t * kstride, &scr[t, 0], R, bf16)
     cdef double[::1] mean_v = mean, m2_v = m2
     with nogil:
         _merge_stats(st, T, mean_v, m2_v)
@@ -781,6 +799,7 @@ def _stats64(const data_t[:, :, ::1] x, int n_threads):  # IN
 
 
 def _kind_of(const data_t[:, :, ::1] x):
+    """The data kind: float64, float32, or float16 for any 16-bit data (bfloat16 too)."""
     if data_t is double:
         return "float64"
     elif data_t is float:
@@ -793,7 +812,7 @@ def normalize(const data_t[:, :, ::1] x,      # IN
               const stat_t[::1] scale,        # IN
               const stat_t[::1] shift,        # IN
               data_t[:, :, ::1] y,            # OUT
-              int n_threads=1):
+              int n_threads=1, bint bf16=False):
     """Write ``y = (x - mean)*scale + shift`` (per-channel vectors broadcast).
 
     Threads take contiguous slices in memory order. Streaming stores when y is
@@ -806,10 +825,12 @@ def normalize(const data_t[:, :, ::1] x,      # IN
     if data_t is double:
         if stat_t is float:
             raise TypeError("mean, scale, shift: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
     elif stat_t is double:
         raise TypeError("mean, scale, shift: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
+    if bf16 and data_t is not uint16_t:
+        raise TypeError(_BF16_DATA)
     if N == 0:
         return
     stream = fbn_should_stream(&y[0, 0, 0], <size_t>N * sizeof(data_t))
@@ -821,7 +842,7 @@ def normalize(const data_t[:, :, ::1] x,      # IN
         with nogil:
             for t in prange(T, schedule='static', num_threads=T):
                 _planes_affine_range(xp, yp, _cut(N, t, T), _cut(N, t + 1, T), C, I,
-                                     &mean[0], &scale[0], &shift[0], stream, &scr[t, 0])
+                                     &mean[0], &scale[0], &shift[0], stream, &scr[t, 0], bf16)
     else:
         me, P = _expand(np.asarray(mean), C)
         sc, _ = _expand(np.asarray(scale), C)
@@ -829,13 +850,13 @@ def normalize(const data_t[:, :, ::1] x,      # IN
         with nogil:
             for t in prange(T, schedule='static', num_threads=T):
                 _rows_affine_range(xp, yp, _cut(N, t, T), _cut(N, t + 1, T), P,
-                                   &me[0], &sc[0], &sh[0], stream, &scr[t, 0])
+                                   &me[0], &sc[0], &sh[0], stream, &scr[t, 0], bf16)
 
 
 def backward_reduce(const data_t[:, :, ::1] dy,   # IN
                     const data_t[:, :, ::1] x,    # IN
                     const stat_t[::1] mean,       # IN
-                    int n_threads=1):
+                    int n_threads=1, bint bf16=False):
     """Per-channel ``sum(dy)`` and ``sum(dy*(x - mean))`` in one read of (dy, x).
 
     Element-type partial sums per tile (<= 2048 values, or one row tile),
@@ -853,10 +874,12 @@ def backward_reduce(const data_t[:, :, ::1] dy,   # IN
     if data_t is double:
         if stat_t is float:
             raise TypeError("mean: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
     elif stat_t is double:
         raise TypeError("mean: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
+    if bf16 and data_t is not uint16_t:
+        raise TypeError(_BF16_DATA)
     if data_t is double:
         dt = np.float64
     else:
@@ -874,7 +897,7 @@ def backward_reduce(const data_t[:, :, ::1] dy,   # IN
         with nogil:
             for t in prange(T, schedule='static', num_threads=T):
                 _planes_dot_range(gp, xp, _cut(N, t, T), _cut(N, t + 1, T), C, I, mp,
-                                  &st[t, 0, 0], &st[t, 1, 0], &scr[t, 0])
+                                  &st[t, 0, 0], &st[t, 1, 0], &scr[t, 0], bf16)
     else:
         if data_t is uint16_t:
             if R * C > 1 << 19:
@@ -885,12 +908,12 @@ def backward_reduce(const data_t[:, :, ::1] dy,   # IN
             for t in prange(T, schedule='static', num_threads=T):
                 if by_rows:
                     _rows_dot_range(gp, xp, _cut(O, t, T), _cut(O, t + 1, T), 0, C, C, mp,
-                                    &st[t, 0, 0], &st[t, 1, 0], &scr[t, 0], R)
+                                    &st[t, 0, 0], &st[t, 1, 0], &scr[t, 0], R, bf16)
                 else:
                     c0 = _cut(C // blk, t, T) * blk
                     c1 = C if t == T - 1 else _cut(C // blk, t + 1, T) * blk
                     _rows_dot_range(gp, xp, 0, O, c0, c1, C, mp, &st[t, 0, 0], &st[t, 1, 0],
-                                    &scr[t, 0], R)
+                                    &scr[t, 0], R, bf16)
     cdef stat_t[::1] a_v = sum_dy, b_v = sum_dy_xmu
     with nogil:
         _merge_sums(st, T, a_v, b_v)
@@ -904,7 +927,7 @@ def backward_elemt(const data_t[:, :, ::1] dy,    # IN
                    const stat_t[::1] k_x,         # IN
                    const stat_t[::1] k_c,         # IN
                    data_t[:, :, ::1] dx,          # OUT
-                   int n_threads=1):
+                   int n_threads=1, bint bf16=False):
     """Write ``dx = k_dy*dy + k_x*(x - mean) + k_c`` (per-channel vectors broadcast)."""
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t N = O * C * I, P = C
@@ -914,10 +937,12 @@ def backward_elemt(const data_t[:, :, ::1] dy,    # IN
     if data_t is double:
         if stat_t is float:
             raise TypeError("mean, k_dy, k_x, k_c: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
     elif stat_t is double:
         raise TypeError("mean, k_dy, k_x, k_c: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
+    if bf16 and data_t is not uint16_t:
+        raise TypeError(_BF16_DATA)
     if N == 0:
         return
     stream = fbn_should_stream(&dx[0, 0, 0], <size_t>N * sizeof(data_t))
@@ -930,7 +955,8 @@ def backward_elemt(const data_t[:, :, ::1] dy,    # IN
         with nogil:
             for t in prange(T, schedule='static', num_threads=T):
                 _planes_elemt_range(gp, xp, dp, _cut(N, t, T), _cut(N, t + 1, T), C, I,
-                                    &mean[0], &k_dy[0], &k_x[0], &k_c[0], stream, &scr[t, 0])
+                                    &mean[0], &k_dy[0], &k_x[0], &k_c[0], stream, &scr[t, 0],
+                                    bf16)
     else:
         me, P = _expand(np.asarray(mean), C)
         a, _ = _expand(np.asarray(k_dy), C)
@@ -939,7 +965,7 @@ def backward_elemt(const data_t[:, :, ::1] dy,    # IN
         with nogil:
             for t in prange(T, schedule='static', num_threads=T):
                 _rows_elemt_range(gp, xp, dp, _cut(N, t, T), _cut(N, t + 1, T), P,
-                                  &me[0], &a[0], &b[0], &c[0], stream, &scr[t, 0])
+                                  &me[0], &a[0], &b[0], &c[0], stream, &scr[t, 0], bf16)
 
 
 # --- fused per-channel paths ----------------------------------------------------
@@ -947,7 +973,8 @@ def backward_elemt(const data_t[:, :, ::1] dy,    # IN
 cdef void _fused_forward_channel(const data_t *x, data_t *y, Py_ssize_t O, Py_ssize_t C,
                                  Py_ssize_t I, Py_ssize_t c, const stat_t *weight,
                                  const stat_t *bias, double eps, stat_t *mean_out,
-                                 stat_t *m2_out, int stream, float *scratch) noexcept nogil:
+                                 stat_t *m2_out, int stream, float *scratch,
+                                 bint bf16) noexcept nogil:
     """Statistics of channel c, then its normalization while it is still in L2."""
     cdef double cnt = 0, K = 0, S1 = 0, S2 = 0, mean, m2, invstd, scale, shift
     cdef Py_ssize_t o, ahead = _planes_ahead(I, sizeof(data_t))
@@ -955,7 +982,7 @@ cdef void _fused_forward_channel(const data_t *x, data_t *y, Py_ssize_t O, Py_ss
         # prefetch the channel's plane `ahead` planes on (>= PF_BYTES ahead):
         # short planes far apart defeat the hardware prefetchers
         _stats_run(x + (o * C + c) * I, I, &cnt, &K, &S1, &S2, scratch,
-                   ahead * C * I if o + ahead < O else 0)
+                   ahead * C * I if o + ahead < O else 0, bf16)
     mean = K + S1 / cnt
     m2 = S2 - S1 * S1 / cnt
     if m2 < 0:
@@ -967,7 +994,7 @@ cdef void _fused_forward_channel(const data_t *x, data_t *y, Py_ssize_t O, Py_ss
     shift = bias[c] - ((mean - <double>(<stat_t>mean)) * scale)
     for o in range(O):
         _affine_run(x + (o * C + c) * I, y + (o * C + c) * I, I, <stat_t>mean, scale, shift,
-                    stream, scratch)
+                    stream, scratch, bf16)
     mean_out[c] = <stat_t>mean
     m2_out[c] = <stat_t>m2
 
@@ -976,21 +1003,21 @@ cdef void _fused_backward_channel(const data_t *dy, const data_t *x, data_t *dx,
                                   Py_ssize_t C, Py_ssize_t I, Py_ssize_t c,
                                   const stat_t *mean, const stat_t *invstd,
                                   const stat_t *weight, stat_t *sdy_out, stat_t *sdyx_out,
-                                  int stream, float *scratch) noexcept nogil:
+                                  int stream, float *scratch, bint bf16) noexcept nogil:
     """Both reductions of channel c, then its dx while (dy, x) are still in L2."""
     cdef double sdy = 0, sdyx = 0, n = <double>O * I, w_is, kdy, kx, kc
     cdef double m = mean[c], istd = invstd[c]
     cdef Py_ssize_t o, ahead = _planes_ahead(I, 2 * sizeof(data_t))
     for o in range(O):
         _dot_run(dy + (o * C + c) * I, x + (o * C + c) * I, I, m, &sdy, &sdyx, scratch,
-                 ahead * C * I if o + ahead < O else 0)
+                 ahead * C * I if o + ahead < O else 0, bf16)
     w_is = weight[c] * istd
     kdy = w_is
     kx = -w_is * istd * istd * sdyx / n
     kc = -w_is * sdy / n
     for o in range(O):
         _elemt_run(dy + (o * C + c) * I, x + (o * C + c) * I, dx + (o * C + c) * I, I, m,
-                   <stat_t>kdy, <stat_t>kx, <stat_t>kc, stream, scratch)
+                   <stat_t>kdy, <stat_t>kx, <stat_t>kc, stream, scratch, bf16)
     sdy_out[c] = <stat_t>sdy
     sdyx_out[c] = <stat_t>sdyx
 
@@ -1015,7 +1042,7 @@ def forward_train(const data_t[:, :, ::1] x,    # IN
                   const stat_t[::1] bias,       # IN
                   double eps,
                   data_t[:, :, ::1] y,          # OUT
-                  int n_threads=1):
+                  int n_threads=1, bint bf16=False):
     """Training forward: statistics, then ``y = (x - mean)*scale + bias`` with
     ``scale = weight/sqrt(m2/n + eps)``.
 
@@ -1035,21 +1062,23 @@ def forward_train(const data_t[:, :, ::1] x,    # IN
     if data_t is double:
         if stat_t is float:
             raise TypeError("weight, bias: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
     elif stat_t is double:
         raise TypeError("weight, bias: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
+    if bf16 and data_t is not uint16_t:
+        raise TypeError(_BF16_DATA)
     if data_t is double:
         dt = np.float64
     else:
         dt = np.float32
     if N == 0 or not _fuse(O, C, I, sizeof(data_t), T, _fuse_fwd_max):
-        mean64, m2_64 = _stats64(x, n_threads)
+        mean64, m2_64 = _stats64(x, n_threads, bf16)
         mean = mean64.astype(dt)
         scale = np.empty(C, dtype=dt)
         shift = np.empty(C, dtype=dt)
         _fold_forward_py(mean64, m2_64, mean, weight, bias, eps, n, scale, shift)
-        normalize(x, mean, scale, shift, y, n_threads)
+        normalize(x, mean, scale, shift, y, n_threads, bf16)
         return mean, m2_64.astype(dt)
     mean = np.empty(C, dtype=dt)
     m2 = np.empty(C, dtype=dt)
@@ -1062,7 +1091,7 @@ def forward_train(const data_t[:, :, ::1] x,    # IN
         for t in prange(T, schedule='static', num_threads=T):
             for c in range(_cut(C, t, T), _cut(C, t + 1, T)):
                 _fused_forward_channel(xp, yp, O, C, I, c, &weight[0], &bias[0], eps,
-                                       &mean_v[0], &m2_v[0], stream, &scr[t, 0])
+                                       &mean_v[0], &m2_v[0], stream, &scr[t, 0], bf16)
             if stream:
                 fbn_sfence()
     return mean, m2
@@ -1104,7 +1133,7 @@ def backward_train(const data_t[:, :, ::1] dy,   # IN
                    const stat_t[::1] invstd,     # IN
                    const stat_t[::1] weight,     # IN
                    data_t[:, :, ::1] dx,         # OUT
-                   int n_threads=1):
+                   int n_threads=1, bint bf16=False):
     """Training backward: the two reductions, then
     ``dx = k_dy*dy + k_x*(x - mean) + k_c`` with ``k_dy = w*invstd``,
     ``k_x = -w*invstd**3*sum_dy_xmu/n``, ``k_c = -w*invstd*sum_dy/n``.
@@ -1125,21 +1154,23 @@ def backward_train(const data_t[:, :, ::1] dy,   # IN
     if data_t is double:
         if stat_t is float:
             raise TypeError("mean, invstd, weight: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
     elif stat_t is double:
         raise TypeError("mean, invstd, weight: expected float64 for float64 data, "
-                        "float32 for float16/float32 data")
+                        "float32 for float16/bfloat16/float32 data")
+    if bf16 and data_t is not uint16_t:
+        raise TypeError(_BF16_DATA)
     if data_t is double:
         dt = np.float64
     else:
         dt = np.float32
     if N == 0 or not _fuse(O, C, I, 2 * sizeof(data_t), T, _fuse_bwd_max):
-        sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, n_threads)
+        sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, n_threads, bf16)
         k_dy = np.empty(C, dtype=dt)
         k_x = np.empty(C, dtype=dt)
         k_c = np.empty(C, dtype=dt)
         _fold_backward_py(sum_dy, sum_dy_xmu, invstd, weight, n, k_dy, k_x, k_c)
-        backward_elemt(dy, x, mean, k_dy, k_x, k_c, dx, n_threads)
+        backward_elemt(dy, x, mean, k_dy, k_x, k_c, dx, n_threads, bf16)
         return sum_dy, sum_dy_xmu
     sum_dy = np.empty(C, dtype=dt)
     sum_dy_xmu = np.empty(C, dtype=dt)
@@ -1153,7 +1184,7 @@ def backward_train(const data_t[:, :, ::1] dy,   # IN
         for t in prange(T, schedule='static', num_threads=T):
             for c in range(_cut(C, t, T), _cut(C, t + 1, T)):
                 _fused_backward_channel(gp, xp, dp, O, C, I, c, &mean[0], &invstd[0],
-                                        &weight[0], &a_v[0], &b_v[0], stream, &scr[t, 0])
+                                        &weight[0], &a_v[0], &b_v[0], stream, &scr[t, 0], bf16)
             if stream:
                 fbn_sfence()
     return sum_dy, sum_dy_xmu

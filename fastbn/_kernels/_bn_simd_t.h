@@ -33,13 +33,18 @@ FBN_FN double FBN_NAME(fbn_hsum)(FBN_VT v)
 #endif
 
 /* The reductions read their data through FBN_IN_T / FBN_LDI / FBN_XI: the
- * element type itself, or (FBN_HALF_IN: float16 bit patterns, FBN_T float,
- * F16C target) halves converted in registers, with the same float arithmetic
- * and accumulation order as the float instantiation run on converted data. */
-#ifdef FBN_HALF_IN
+ * element type itself, or (FBN_U16_IN: 16-bit bit patterns, float16 or
+ * bfloat16, FBN_T float, 32-byte vectors) values converted in registers by the
+ * includer's FBN_U16_LD8(p) (8 values -> __m256) and FBN_U16_X(v) (one value),
+ * with the same float arithmetic and accumulation order as the float
+ * instantiation run on converted data. */
+#ifdef FBN_U16_IN
+#if FBN_VBYTES != 32
+#error "FBN_U16_IN: 16-bit input is converted 8 values (32 bytes of float) at a time"
+#endif
 #define FBN_IN_T uint16_t
-#define FBN_LDI(p) ((FBN_VT)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
-#define FBN_XI(v) fbn_half_to_float(v)
+#define FBN_LDI(p) ((FBN_VT)FBN_U16_LD8(p))
+#define FBN_XI(v) FBN_U16_X(v)
 #else
 #define FBN_IN_T FBN_T
 #define FBN_LDI(p) FBN_LD(p)
@@ -469,6 +474,167 @@ FBN_FN void FBN_NAME(fbn_rows_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T 
     (void)stream;
     FBN_NAME(fbn_rows_elemt)(dy, x, dx, n, c0, P, m, kdy, kx, kc);
 }
+
+#ifdef FBN_U16_IN
+/* ---------------- element-wise on 16-bit data (FBN_U16_IN) ----------------
+ *
+ * Fused loops for 16-bit data: load 8 values converted in registers
+ * (FBN_U16_LD8), the same float32 arithmetic as the float AVX2+FMA loops above,
+ * round back with FBN_U16_ST8(p, v, stream) (8 values; a 16-byte streaming
+ * store when asked) or FBN_U16_TO(f) (one value). The FMAs are spelled out:
+ * gcc contracts (x - m)*s + b and kdy*dy + (kx*(x - m) + kc) in the float
+ * loops to fma(x - m, s, b) and fma(kdy, dy, fma(kx, x - m, kc)), but would
+ * not contract the outer add in the scalar form here; spelled out, the results
+ * are bit-identical to converting a float32 tile, running fbn_affine_f32 etc.
+ * on it and rounding back.
+ *
+ * Optionally (FBN_U16_LD16 defined) a main loop takes 16 values at a time:
+ * FBN_U16_LD16(p, a, b) loads them as two vectors in an order of the
+ * includer's choosing and FBN_U16_ST16(p, a, b, stream) stores two result
+ * vectors given in that same order (a 32-byte store; streaming ones need
+ * FBN_U16_HEAD to align the output to 32 bytes); FBN_U16_LD16_ORD /
+ * FBN_U16_ST16_ORD do the same in memory order, for the rows loops whose
+ * constants vary along the vector. Same arithmetic per element either way.
+ * FBN_U16_HEAD(dst, n, stream): elements written one by one before the
+ * vector stores are aligned. */
+
+FBN_FN void FBN_NAME(fbn_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t n, float m,
+                                     float s, float b, int stream)
+{
+    Py_ssize_t i = 0, head = FBN_U16_HEAD(y, n, stream);
+    FBN_VT mv = {0}, sv = {0}, bv = {0};
+    mv += m;
+    sv += s;
+    bv += b;
+    for (; i < head; i++)
+        y[i] = FBN_U16_TO(__builtin_fmaf(FBN_XI(x[i]) - m, s, b));
+#ifdef FBN_U16_LD16
+    for (; i + 16 <= n; i += 16) {
+        FBN_VT a0, a1;
+        FBN_U16_LD16(x + i, a0, a1);
+        FBN_U16_ST16(y + i, _mm256_fmadd_ps(a0 - mv, sv, bv), _mm256_fmadd_ps(a1 - mv, sv, bv),
+                     stream);
+    }
+#endif
+    for (; i + 8 <= n; i += 8)
+        FBN_U16_ST8(y + i, _mm256_fmadd_ps(FBN_LDI(x + i) - mv, sv, bv), stream);
+    for (; i < n; i++)
+        y[i] = FBN_U16_TO(__builtin_fmaf(FBN_XI(x[i]) - m, s, b));
+}
+
+FBN_FN void FBN_NAME(fbn_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                    Py_ssize_t n, float m, float kdy, float kx, float kc,
+                                    int stream)
+{
+    Py_ssize_t i = 0, head = FBN_U16_HEAD(dx, n, stream);
+    FBN_VT mv = {0}, av = {0}, bv = {0}, cv = {0};
+    mv += m;
+    av += kdy;
+    bv += kx;
+    cv += kc;
+    for (; i < head; i++)
+        dx[i] = FBN_U16_TO(__builtin_fmaf(kdy, FBN_XI(dy[i]), __builtin_fmaf(kx, FBN_XI(x[i]) - m, kc)));
+#ifdef FBN_U16_LD16
+    for (; i + 16 <= n; i += 16) {
+        FBN_VT g0, g1, a0, a1;
+        FBN_U16_LD16(dy + i, g0, g1);
+        FBN_U16_LD16(x + i, a0, a1);
+        FBN_U16_ST16(dx + i, _mm256_fmadd_ps(av, g0, _mm256_fmadd_ps(bv, a0 - mv, cv)),
+                     _mm256_fmadd_ps(av, g1, _mm256_fmadd_ps(bv, a1 - mv, cv)), stream);
+    }
+#endif
+    for (; i + 8 <= n; i += 8)
+        FBN_U16_ST8(dx + i, _mm256_fmadd_ps(av, FBN_LDI(dy + i), _mm256_fmadd_ps(bv, FBN_LDI(x + i) - mv, cv)), stream);
+    for (; i < n; i++)
+        dx[i] = FBN_U16_TO(__builtin_fmaf(kdy, FBN_XI(dy[i]), __builtin_fmaf(kx, FBN_XI(x[i]) - m, kc)));
+}
+
+/* Rows forms: constants tiled to period P (see fbn_rows_affine above; their 16
+ * wrapped-around values let a 16-value step read m + c .. m + c + 15, c < P). */
+FBN_FN void FBN_NAME(fbn_rows_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t n,
+                                          Py_ssize_t c0, Py_ssize_t P, const float *m,
+                                          const float *s, const float *b, int stream)
+{
+    Py_ssize_t i = 0, c = c0, head = FBN_U16_HEAD(y, n, stream);
+    for (; i < head; i++) {
+        y[i] = FBN_U16_TO(__builtin_fmaf(FBN_XI(x[i]) - m[c], s[c], b[c]));
+        if (++c == P)
+            c = 0;
+    }
+#ifdef FBN_U16_LD16_ORD
+    for (; i + 16 <= n; i += 16) {
+        FBN_VT a0, a1;
+        FBN_U16_LD16_ORD(x + i, a0, a1);
+        FBN_U16_ST16_ORD(y + i,
+                         _mm256_fmadd_ps(a0 - FBN_LD(m + c), FBN_LD(s + c), FBN_LD(b + c)),
+                         _mm256_fmadd_ps(a1 - FBN_LD(m + c + 8), FBN_LD(s + c + 8),
+                                         FBN_LD(b + c + 8)),
+                         stream);
+        c += 16;
+        if (c >= P)
+            c -= P;
+    }
+#endif
+    for (; i + 8 <= n; i += 8) {
+        FBN_U16_ST8(y + i, _mm256_fmadd_ps(FBN_LDI(x + i) - FBN_LD(m + c), FBN_LD(s + c), FBN_LD(b + c)), stream);
+        c += 8;
+        if (c >= P)
+            c -= P;
+    }
+    for (; i < n; i++) {
+        y[i] = FBN_U16_TO(__builtin_fmaf(FBN_XI(x[i]) - m[c], s[c], b[c]));
+        if (++c == P)
+            c = 0;
+    }
+}
+
+FBN_FN void FBN_NAME(fbn_rows_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                         Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
+                                         const float *m, const float *kdy, const float *kx,
+                                         const float *kc, int stream)
+{
+    Py_ssize_t i = 0, c = c0, head = FBN_U16_HEAD(dx, n, stream);
+    for (; i < head; i++) {
+        dx[i] = FBN_U16_TO(__builtin_fmaf(kdy[c], FBN_XI(dy[i]),
+                                          __builtin_fmaf(kx[c], FBN_XI(x[i]) - m[c], kc[c])));
+        if (++c == P)
+            c = 0;
+    }
+#ifdef FBN_U16_LD16_ORD
+    for (; i + 16 <= n; i += 16) {
+        FBN_VT g0, g1, a0, a1;
+        FBN_U16_LD16_ORD(dy + i, g0, g1);
+        FBN_U16_LD16_ORD(x + i, a0, a1);
+        FBN_U16_ST16_ORD(dx + i,
+                         _mm256_fmadd_ps(FBN_LD(kdy + c), g0,
+                                         _mm256_fmadd_ps(FBN_LD(kx + c), a0 - FBN_LD(m + c),
+                                                         FBN_LD(kc + c))),
+                         _mm256_fmadd_ps(FBN_LD(kdy + c + 8), g1,
+                                         _mm256_fmadd_ps(FBN_LD(kx + c + 8), a1 - FBN_LD(m + c + 8),
+                                                         FBN_LD(kc + c + 8))),
+                         stream);
+        c += 16;
+        if (c >= P)
+            c -= P;
+    }
+#endif
+    for (; i + 8 <= n; i += 8) {
+        FBN_U16_ST8(dx + i, _mm256_fmadd_ps(FBN_LD(kdy + c), FBN_LDI(dy + i),
+                                            _mm256_fmadd_ps(FBN_LD(kx + c), FBN_LDI(x + i) - FBN_LD(m + c),
+                                                            FBN_LD(kc + c))),
+                    stream);
+        c += 8;
+        if (c >= P)
+            c -= P;
+    }
+    for (; i < n; i++) {
+        dx[i] = FBN_U16_TO(__builtin_fmaf(kdy[c], FBN_XI(dy[i]),
+                                          __builtin_fmaf(kx[c], FBN_XI(x[i]) - m[c], kc[c])));
+        if (++c == P)
+            c = 0;
+    }
+}
+#endif /* FBN_U16_IN */
 
 #undef FBN_IN_T
 #undef FBN_LDI
