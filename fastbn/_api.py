@@ -265,8 +265,9 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
             lambda be: _train_forward(be, view, weight, bias, eps, y3, fresh))
         if updates:  # in the stat dtype; stored in the running statistics' own dtype
             n = view.count
-            new_mean = (1.0 - momentum) * running_mean.astype(stat) + momentum * mean
-            new_var = (1.0 - momentum) * running_var.astype(stat) + momentum * (m2 / (n - 1))
+            rm, rv = (r.astype(stat, copy=False) for r in (running_mean, running_var))
+            new_mean = (1.0 - momentum) * rm + momentum * mean
+            new_var = (1.0 - momentum) * rv + momentum * (m2 / (n - 1))
             running_mean[...] = new_mean
             running_var[...] = new_var
     else:
@@ -283,7 +284,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
 def _running_statistics(xp, running_mean, running_var, eps, stat):
     """(mean, invstd) of inference, in the stat dtype whatever the running statistics' dtype."""
     mean = xp.array(running_mean, dtype=stat)
-    return mean, _invstd(xp, running_var.astype(stat), eps).astype(stat, copy=False)
+    invstd = _invstd(xp, running_var.astype(stat, copy=False), eps)
+    return mean, invstd.astype(stat, copy=False)
 
 
 def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis=1,
