@@ -19,6 +19,13 @@ from typing import NamedTuple
 ENTRY_POINT_GROUP = "fastbn.backends"
 REQUIRED_KERNELS = ("stats", "normalize", "backward_reduce", "backward_elemt")
 FUSED_KERNELS = ("forward_train", "backward_train")
+# Optional epilogue kernels (activation="relu", residual=z); without them the core
+# composes the plain kernels with array operations (one extra pass each).
+EPILOGUE_KERNELS = ("normalize_epilogue", "forward_train_epilogue", "backward_reduce_relu",
+                    "backward_elemt_relu", "backward_train_relu")
+# Kernels that write their last argument AND return two (C,) vectors.
+WRITE_AND_REDUCE_KERNELS = ("forward_train", "backward_train", "forward_train_epilogue",
+                            "backward_train_relu")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -75,6 +82,27 @@ class Backend:
     # Optional fused paths: None means "compose from the four kernels".
     forward_train = None   # (x3, weight, bias, eps, y3) -> (mean, m2)
     backward_train = None  # (dy3, x3, mean, invstd, weight, dx3) -> (sum_dy, sum_dy_xmu)
+
+    # Optional epilogues: y = act(bn(x) + z), act = relu or identity, z = residual or
+    # nothing. relu(v) = 0 where v < 0, else v (NaN stays NaN, as torch.relu); its
+    # gradient mask is taken from the saved output: g = dy where y > 0, else 0.
+    # z3/dz3 are None or (O, C, I) arrays like x3; relu is a bool. Values are computed
+    # in the stat dtype and rounded once to the data dtype.
+    #
+    # normalize_epilogue(x3, mean, scale, shift, z3, relu, y3) -> None
+    #     y3 = act((x3 - mean) * scale + shift [+ z3])
+    # forward_train_epilogue(x3, weight, bias, eps, z3, relu, y3) -> (mean, m2)
+    #     forward_train, then the epilogue on its output
+    # backward_reduce_relu(dy3, y3, x3, mean) -> (sum(g), sum(g * (x3 - mean)))
+    # backward_elemt_relu(dy3, y3, x3, mean, k_dy, k_x, k_c, dz3, dx3) -> None
+    #     dx3 = k_dy * g + k_x * (x3 - mean) + k_c; and dz3 = g when dz3 is not None
+    # backward_train_relu(dy3, y3, x3, mean, invstd, weight, dz3, dx3) -> (sum(g), sum(g*(x-mean)))
+    #     backward_train with g in place of dy; and dz3 = g when dz3 is not None
+    normalize_epilogue = None
+    forward_train_epilogue = None
+    backward_reduce_relu = None
+    backward_elemt_relu = None
+    backward_train_relu = None
 
     def is_available(self):
         """Return ``(ok, reason)``: whether this backend can run here, and why not."""
@@ -142,7 +170,7 @@ def _check_protocol(backend):
                if not callable(getattr(backend, k, None))]
     if missing:
         raise ArgumentTypeError(f"backend {name!r}: missing required method(s) {', '.join(missing)}")
-    for k in FUSED_KERNELS:
+    for k in FUSED_KERNELS + EPILOGUE_KERNELS:
         fused = getattr(backend, k, None)
         if fused is not None and not callable(fused):
             raise ArgumentTypeError(f"backend {name!r}: optional {k!r} must be callable or None")

@@ -44,5 +44,33 @@ class NumpyReference(Backend):
         xmu = x3.astype(np.float64) - _per_channel(mean)
         dx3[...] = _per_channel(k_dy) * dy + _per_channel(k_x) * xmu + _per_channel(k_c)
 
+    # --- epilogues: y = act(bn(x) + z) and its gradient (see fastbn._registry.Backend)
+
+    def normalize_epilogue(self, x3, mean, scale, shift, z3, relu, y3):
+        x = x3.astype(np.float64)
+        y = (x - _per_channel(mean)) * _per_channel(scale) + _per_channel(shift)
+        if z3 is not None:
+            y += z3.astype(np.float64)
+        y3[...] = _relu(y) if relu else y
+
+    def backward_reduce_relu(self, dy3, y3, x3, mean):
+        return self.backward_reduce(_relu_grad(dy3, y3), x3, mean)
+
+    def backward_elemt_relu(self, dy3, y3, x3, mean, k_dy, k_x, k_c, dz3, dx3):
+        g = _relu_grad(dy3, y3)
+        self.backward_elemt(g, x3, mean, k_dy, k_x, k_c, dx3)
+        if dz3 is not None:
+            dz3[...] = g
+
+
+def _relu(y):
+    """0 where y < 0, else y: NaN stays NaN (np.maximum propagates it), as torch.relu."""
+    return np.maximum(y, 0.0)
+
+
+def _relu_grad(dy3, y3):
+    """dy where the activation's output is positive, else 0 (torch's threshold_backward)."""
+    return np.where(y3.astype(np.float64) > 0, dy3.astype(np.float64), 0.0).astype(dy3.dtype)
+
 
 backend = NumpyReference()
