@@ -7,9 +7,10 @@ and any plugin in the ``fastbn.backends`` entry-point group.
 """
 from ._version import __version__
 from . import _backends  # noqa: F401 (the built-in backends register themselves)
-from ._api import (BackwardResult, ForwardResult, batch_norm, batch_norm_backward,
-                   batch_norm_forward)
+from ._api import (BackwardResult, ForwardResult, ResidualBackwardResult, batch_norm,
+                   batch_norm_backward, batch_norm_forward)
 from ._config import show_config
+from ._fold import fold
 from ._registry import (ArgumentError, ArgumentTypeError, Backend, BackendContractError,
                         BackendInfo, BackendUnavailableError, backends, get_backend,
                         last_backend, register_backend, use_backend)
@@ -18,7 +19,7 @@ from .layer import BatchNorm
 
 __all__ = [
     "ArgumentError", "ArgumentTypeError", "Backend", "BackendContractError", "BackendInfo", "BackendUnavailableError", "BackwardResult", "BatchNorm",
-    "ForwardResult", "__version__", "backends", "batch_norm", "batch_norm_backward",
+    "ForwardResult", "ResidualBackwardResult", "__version__", "backends", "batch_norm", "batch_norm_backward",
     "batch_norm_forward", "get_backend", "get_num_threads", "last_backend", "num_threads",
     "register_backend", "set_num_threads", "show_config", "use_backend",
 ]

@@ -7,11 +7,12 @@ from typing import Any, NamedTuple
 
 from . import _registry
 from ._arrays import Interop, device_scope
-from ._registry import FUSED_KERNELS
-from ._validate import (STAT_DTYPE, canary_left, canonical, channel_vector, check_canary,
-                        check_eps, check_flag, check_like_x, check_momentum, check_out,
-                        check_training_count, device_of, kernel_vectors,
-                        kernel_wrote, plant_canary, required_channel_vector, running_stats)
+from ._registry import WRITE_AND_REDUCE_KERNELS
+from ._validate import (STAT_DTYPE, canary_left, canonical, channel_vector, check_activation,
+                        check_canary, check_eps, check_flag, check_like_x, check_momentum,
+                        check_out, check_residual, check_saved_output, check_training_count,
+                        device_of, kernel_vectors, kernel_wrote, plant_canary,
+                        required_channel_vector, running_stats)
 
 _FLOATS = frozenset(STAT_DTYPE)
 
@@ -54,6 +55,24 @@ class BackwardResult(NamedTuple):
     dbias: Any
 
 
+class ResidualBackwardResult(NamedTuple):
+    """Result of :func:`batch_norm_backward` with ``residual=True``.
+
+    Attributes
+    ----------
+    dx, dweight, dbias : array
+        As in :class:`BackwardResult`.
+    dresidual : array
+        Gradient with respect to the residual ``z`` of ``y = act(bn(x) + z)``: ``dy``
+        masked by the activation (``dy`` itself, not a copy, without one).
+    """
+
+    dx: Any
+    dweight: Any
+    dbias: Any
+    dresidual: Any
+
+
 # --- composition of the four kernels ------------------------------------------------
 # Kernel results are checked (arity, shape, dtype, written in place) before use. A
 # fused kernel that declines hands the call to the same backend's four kernels.
@@ -76,7 +95,7 @@ def _fill(be, kernel, view, fresh, *args):
     out3 = args[-1]
     planted = fresh and plant_canary(out3)
     result = getattr(be, kernel)(*args)
-    if kernel in FUSED_KERNELS:
+    if kernel in WRITE_AND_REDUCE_KERNELS:
         result = kernel_vectors(result, (be.name, kernel), view)
     else:
         kernel_wrote(result, (be.name, kernel))
@@ -85,11 +104,50 @@ def _fill(be, kernel, view, fresh, *args):
     return result
 
 
-def _train_forward(be, view, weight, bias, eps, y3, fresh):
+def _has(be, kernel):
+    return getattr(be, kernel, None) is not None
+
+
+def _normalize(be, view, fresh, mean, scale, shift, y3, epilogue):
+    """y3 = act(normalize(x) + z) on one backend: its epilogue kernel when it has one,
+    else its plain normalize and the epilogue as array operations."""
+    x3 = view.x3
+    if epilogue is None:
+        return _fill(be, "normalize", view, fresh, x3, mean, scale, shift, y3)
+    z3, relu = epilogue
+    if _has(be, "normalize_epilogue"):
+        done = _fill(be, "normalize_epilogue", view, fresh, x3, mean, scale, shift, z3, relu,
+                     y3)
+        if done is not NotImplemented:
+            return done
+    if z3 is not None and view.xp.may_share_memory(z3, y3):  # out=residual: keep z
+        z3 = z3.copy()
+    if _fill(be, "normalize", view, fresh, x3, mean, scale, shift, y3) is NotImplemented:
+        return NotImplemented
+    _epilogue_by_array_ops(view, y3, z3, relu)
+    return None
+
+
+def _epilogue_by_array_ops(view, y3, z3, relu):
+    """y3 = act(y3 + z3) in the stat dtype: the composition for backends without epilogues."""
+    xp = view.xp
+    if z3 is None and y3.dtype.itemsize > 2:
+        xp.maximum(y3, 0, out=y3)  # NaN stays NaN
+        return
+    y = y3.astype(STAT_DTYPE[y3.dtype.name])
+    if z3 is not None:
+        y += z3.astype(y.dtype)
+    y3[...] = xp.maximum(y, 0) if relu else y
+
+
+def _train_forward(be, view, weight, bias, eps, y3, fresh, epilogue):
     """Statistics and normalization on one backend: (mean, m2, invstd) or NotImplemented."""
     xp, x3, n = view.xp, view.x3, view.count
-    if getattr(be, "forward_train", None) is not None:
-        stats = _fill(be, "forward_train", view, fresh, x3, weight, bias, eps, y3)
+    fused, args = "forward_train", (x3, weight, bias, eps)
+    if epilogue is not None:
+        fused, args = "forward_train_epilogue", args + epilogue
+    if _has(be, fused):
+        stats = _fill(be, fused, view, fresh, *args, y3)
         if stats is not NotImplemented:
             mean, m2 = stats
             return mean, m2, _invstd(xp, m2 / n, eps)
@@ -98,40 +156,92 @@ def _train_forward(be, view, weight, bias, eps, y3, fresh):
         return NotImplemented
     mean, m2 = stats
     invstd = _invstd(xp, m2 / n, eps)
-    if _fill(be, "normalize", view, fresh, x3, mean, weight * invstd, bias,
-             y3) is NotImplemented:
+    if _normalize(be, view, fresh, mean, weight * invstd, bias, y3,
+                  epilogue) is NotImplemented:
         return NotImplemented
     return mean, m2, invstd
 
 
-def _train_backward(be, view, dy3, mean, invstd, weight, dx3):
+class _Gradient:
+    """The gradient reaching BN's output, ``g = dy`` masked by the activation: the backward
+    kernels that read it, with or without the backend's relu kernels.
+
+    ``y3`` is the saved forward output (relu) or None; ``dz3`` the residual's gradient
+    buffer or None. Without relu kernels the mask is applied once by array operations and
+    the plain kernels read ``g``."""
+
+    def __init__(self, be, view, dy3, y3, dz3):
+        self.be, self.view, self.dy3, self.y3, self.dz3 = be, view, dy3, y3, dz3
+        self.kernels = y3 is not None and _has(be, "backward_reduce_relu") and _has(
+            be, "backward_elemt_relu")
+        if y3 is not None and not self.kernels:
+            xp = view.xp
+            self.dy3 = xp.where(y3 > 0, dy3, xp.zeros((), dtype=dy3.dtype))
+            if dz3 is not None:
+                dz3[...] = self.dy3
+            self.y3 = None
+
+    def fused(self, mean, invstd, weight, dx3):
+        be, view = self.be, self.view
+        if self.y3 is None:
+            if not _has(be, "backward_train"):
+                return NotImplemented
+            return _fill(be, "backward_train", view, True, self.dy3, view.x3, mean, invstd,
+                         weight, dx3)
+        if not _has(be, "backward_train_relu"):
+            return NotImplemented
+        return self._with_dz("backward_train_relu", self.dy3, self.y3, view.x3, mean, invstd,
+                             weight, self.dz3, dx3)
+
+    def reduce(self, mean):
+        if self.y3 is None:
+            return _reduce(self.be, "backward_reduce", self.view, self.dy3, self.view.x3, mean)
+        return _reduce(self.be, "backward_reduce_relu", self.view, self.dy3, self.y3,
+                       self.view.x3, mean)
+
+    def elemt(self, mean, k_dy, k_x, k_c, dx3):
+        x3 = self.view.x3
+        if self.y3 is None:
+            return _fill(self.be, "backward_elemt", self.view, True, self.dy3, x3, mean, k_dy,
+                         k_x, k_c, dx3)
+        return self._with_dz("backward_elemt_relu", self.dy3, self.y3, x3, mean, k_dy, k_x,
+                             k_c, self.dz3, dx3)
+
+    def _with_dz(self, kernel, *args):
+        """_fill, and the same check that the kernel wrote dz (args[-2]) when it is given."""
+        dz3 = args[-2]
+        planted = dz3 is not None and plant_canary(dz3)
+        result = _fill(self.be, kernel, self.view, True, *args)
+        if planted and result is not NotImplemented and canary_left(dz3):
+            check_canary(dz3, args[:-2] + (dz3,), result, (self.be.name, kernel))
+        return result
+
+
+def _train_backward(grad, mean, invstd, weight, dx3):
     """Reductions and dx on one backend: (sum_dy, sum_dy_xmu) or NotImplemented."""
-    x3, n = view.x3, view.count
-    if getattr(be, "backward_train", None) is not None:
-        sums = _fill(be, "backward_train", view, True, dy3, x3, mean, invstd, weight, dx3)
-        if sums is not NotImplemented:
-            return sums
-    sums = _reduce(be, "backward_reduce", view, dy3, x3, mean)
+    sums = grad.fused(mean, invstd, weight, dx3)
+    if sums is not NotImplemented:
+        return sums
+    sums = grad.reduce(mean)
     if sums is NotImplemented:
         return NotImplemented
     sum_dy, sum_dy_xmu = sums
+    n = grad.view.count
     k_dy = weight * invstd
     k_x = -k_dy * invstd * invstd * sum_dy_xmu / n
     k_c = -k_dy * sum_dy / n
-    if _fill(be, "backward_elemt", view, True, dy3, x3, mean, k_dy, k_x, k_c,
-             dx3) is NotImplemented:
+    if grad.elemt(mean, k_dy, k_x, k_c, dx3) is NotImplemented:
         return NotImplemented
     return sum_dy, sum_dy_xmu
 
 
-def _eval_backward(be, view, dy3, mean, invstd, weight, dx3):
+def _eval_backward(grad, mean, invstd, weight, dx3):
     """dx = dy * invstd * weight, plus the reductions for dweight and dbias."""
-    sums = _reduce(be, "backward_reduce", view, dy3, view.x3, mean)
+    sums = grad.reduce(mean)
     if sums is NotImplemented:
         return NotImplemented
-    zeros = view.xp.zeros_like(mean)
-    if _fill(be, "backward_elemt", view, True, dy3, view.x3, mean, weight * invstd, zeros,
-             zeros, dx3) is NotImplemented:
+    zeros = grad.view.xp.zeros_like(mean)
+    if grad.elemt(mean, weight * invstd, zeros, zeros, dx3) is NotImplemented:
         return NotImplemented
     return sums
 
@@ -139,12 +249,16 @@ def _eval_backward(be, view, dy3, mean, invstd, weight, dx3):
 # --- public functions ---------------------------------------------------------------
 
 def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
-                       training=True, momentum=0.1, eps=1e-5, axis=1, out=None, backend=None):
+                       training=True, momentum=0.1, eps=1e-5, axis=1, activation=None,
+                       residual=None, out=None, backend=None):
     r"""Batch-normalize ``x`` over every axis but ``axis``.
 
     .. math::
 
         y = \frac{x - \mu_c}{\sqrt{\sigma^2_c + \epsilon}} \, \gamma_c + \beta_c
+
+    optionally followed, in the same pass over memory, by a residual add and an
+    activation: ``y = act(bn(x) + residual)``.
 
     When ``training``, :math:`\mu_c, \sigma^2_c` are the batch mean and biased
     variance of channel ``c`` over the other axes, and the running statistics
@@ -176,8 +290,15 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
         Added to the variance before the square root.
     axis : int, default 1
         The channel axis; negative values count from the end.
+    activation : {None, "relu"}, default None
+        Applied to the normalized (and residual-added) values before they are stored:
+        ``relu(v) = max(v, 0)`` with NaN kept, as :func:`torch.relu`.
+    residual : array, optional
+        ``z`` of ``y = act(bn(x) + z)``: shape and dtype of ``x``, any memory layout.
+        Added in the statistics dtype, rounded once.
     out : array, optional
-        Where to write ``y`` (same shape and dtype as ``x``); may be ``x`` itself.
+        Where to write ``y`` (same shape and dtype as ``x``); may be ``x`` itself or
+        ``residual`` itself.
     backend : str or Backend, optional
         Run on this backend (or raise :class:`BackendUnavailableError`), overriding
         :func:`use_backend` and ``FASTBN_BACKEND``.
@@ -209,25 +330,26 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     io = Interop(x)
     caller_out = out
     if not io.passthrough:
-        x, weight, bias, running_mean, running_var, out = (
+        x, weight, bias, running_mean, running_var, residual, out = (
             io.native(a, name) for a, name in (
                 (x, "x"), (weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
-                (running_var, "running_var"), (out, "out")))
+                (running_var, "running_var"), (residual, "residual"), (out, "out")))
     with device_scope(x):  # CuPy: allocate on x's GPU, not the current one
         y, mean, invstd = _forward(x, weight, bias, running_mean, running_var, training,
-                                   momentum, eps, axis, out, backend)
+                                   momentum, eps, axis, activation, residual, out, backend)
     if io.passthrough:
         return ForwardResult(y, mean, invstd)
     return ForwardResult(caller_out if caller_out is not None else io.wrap(y),
                          io.wrap(mean), io.wrap(invstd))
 
 
-def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis, out,
-             backend):
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
+             activation, residual, out, backend):
     """Validate, view, dispatch and update running statistics; returns (y, mean, invstd)."""
     view = canonical(x, axis)
     training = check_flag(training, "training")
     eps = check_eps(eps)
+    relu = check_activation(activation)
     dtype = view.x3.dtype.name
     stat = STAT_DTYPE[dtype]
     weight = channel_vector(weight, "weight", view, {dtype, stat}, stat)
@@ -241,6 +363,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     # Write straight into out when its memory is the canonical layout, else
     # into a buffer copied to out once the call has succeeded.
     y3 = check_out(out, x, view) if out is not None else None
+    if residual is not None:
+        check_residual(residual, out, view)
     xp, c = view.xp, view.x3.shape[1]
     if view.x3.size == 0:  # an empty batch: empty y in x's memory layout, statistics untouched
         y = out if out is not None else xp.empty_like(x)
@@ -248,6 +372,9 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
             nan = xp.full(c, xp.nan, dtype=stat)
             return y, nan, nan.copy()
         return (y, *_running_statistics(xp, running_mean, running_var, eps, stat))
+    epilogue = None
+    if relu or residual is not None:
+        epilogue = (None if residual is None else view.like(residual), relu)
     staged = None
     fresh = y3 is None  # fastbn's own buffer, not the caller's memory
     if fresh:
@@ -262,7 +389,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     if training:
         mean, m2, invstd = _registry.dispatch(
             device, dtype, view.family, backend,
-            lambda be: _train_forward(be, view, weight, bias, eps, y3, fresh))
+            lambda be: _train_forward(be, view, weight, bias, eps, y3, fresh, epilogue))
         if updates:  # in the stat dtype; stored in the running statistics' own dtype
             n = view.count
             rm, rv = (r.astype(stat, copy=False) for r in (running_mean, running_var))
@@ -274,8 +401,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         mean, invstd = _running_statistics(xp, running_mean, running_var, eps, stat)
         scale = weight * invstd
         _registry.dispatch(device, dtype, view.family, backend,
-                           lambda be: _fill(be, "normalize", view, fresh, view.x3, mean, scale,
-                                            bias, y3))
+                           lambda be: _normalize(be, view, fresh, mean, scale, bias, y3,
+                                                 epilogue))
     if out is not None and staged is not None:
         out[...] = staged
     return y, mean, invstd
@@ -289,7 +416,7 @@ def _running_statistics(xp, running_mean, running_var, eps, stat):
 
 
 def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis=1,
-                        backend=None):
+                        activation=None, y=None, residual=False, backend=None):
     r"""Gradients of batch normalization with respect to ``x``, ``weight`` and ``bias``.
 
     With :math:`\hat{x} = (x - \mu_c)\,\mathrm{invstd}_c` and :math:`n` values per channel:
@@ -320,30 +447,45 @@ def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis
         which the statistics depend on ``x``) or running statistics.
     axis : int, default 1
         The channel axis.
+    activation : {None, "relu"}, default None
+        The forward's activation: ``dy`` is masked where the saved output ``y`` is not
+        positive (``torch.relu``'s gradient) before it enters batch norm's gradient.
+    y : array, optional
+        The forward's output, required with ``activation="relu"``.
+    residual : bool, default False
+        The forward added a residual ``z``: also return its gradient.
     backend : str or Backend, optional
         As in :func:`batch_norm_forward`.
 
     Returns
     -------
-    BackwardResult
-        ``(dx, dweight, dbias)``; ``dweight`` and ``dbias`` in the statistics dtype.
+    BackwardResult or ResidualBackwardResult
+        ``(dx, dweight, dbias)``, and ``dresidual`` when ``residual``; ``dweight`` and
+        ``dbias`` in the statistics dtype.
     """
     io = Interop(x)
     if not io.passthrough:
-        dy, x, mean, invstd, weight = (
+        dy, x, mean, invstd, weight, y = (
             io.native(a, name) for a, name in (
-                (dy, "dy"), (x, "x"), (mean, "mean"), (invstd, "invstd"), (weight, "weight")))
+                (dy, "dy"), (x, "x"), (mean, "mean"), (invstd, "invstd"), (weight, "weight"),
+                (y, "y")))
     with device_scope(x):
-        dx, dweight, dbias = _backward(dy, x, mean, invstd, weight, training, axis, backend)
-    return BackwardResult(io.wrap(dx), io.wrap(dweight), io.wrap(dbias))
+        dx, dweight, dbias, dz = _backward(dy, x, mean, invstd, weight, training, axis,
+                                           activation, y, residual, backend)
+    if dz is None:
+        return BackwardResult(io.wrap(dx), io.wrap(dweight), io.wrap(dbias))
+    return ResidualBackwardResult(io.wrap(dx), io.wrap(dweight), io.wrap(dbias), io.wrap(dz))
 
 
-def _backward(dy, x, mean, invstd, weight, training, axis, backend):
-    """Validate, view and dispatch; returns (dx, dweight, dbias)."""
+def _backward(dy, x, mean, invstd, weight, training, axis, activation, y, residual, backend):
+    """Validate, view and dispatch; returns (dx, dweight, dbias, dresidual or None)."""
     view = canonical(x, axis)
     training = check_flag(training, "training")
+    relu = check_activation(activation)
+    residual = check_flag(residual, "residual")
     xp = view.xp
     check_like_x(dy, "dy", view)
+    check_saved_output(y, relu, view)
     dtype = view.x3.dtype.name
     stat = STAT_DTYPE[dtype]
     mean = required_channel_vector(mean, "mean", view, _FLOATS, stat)
@@ -352,20 +494,24 @@ def _backward(dy, x, mean, invstd, weight, training, axis, backend):
     c = view.x3.shape[1]
     if view.x3.size == 0:  # an empty batch: empty dx, zero gradients for weight and bias
         zeros = xp.zeros(c, dtype=stat)
-        return xp.empty_like(x), zeros, zeros.copy()
+        dz = (xp.empty_like(x) if relu else dy) if residual else None
+        return xp.empty_like(x), zeros, zeros.copy(), dz
     if weight is None:
         weight = xp.ones(c, dtype=stat)
     dy3 = view.like(dy)
+    y3 = view.like(y) if relu else None
     dx3, dx = view.empty()
+    dz3, dz = view.empty() if residual and relu else (None, dy if residual else None)
     compose = _train_backward if training else _eval_backward
     sum_dy, sum_dy_xmu = _registry.dispatch(
         device_of(xp), dtype, view.family, backend,
-        lambda be: compose(be, view, dy3, mean, invstd, weight, dx3))
-    return dx, sum_dy_xmu * invstd, sum_dy
+        lambda be: compose(_Gradient(be, view, dy3, y3, dz3), mean, invstd, weight, dx3))
+    return dx, sum_dy_xmu * invstd, sum_dy, dz
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, backend=None):
+               momentum=0.1, eps=1e-5, *, axis=1, activation=None, residual=None,
+               backend=None):
     r"""Batch normalization with :func:`torch.nn.functional.batch_norm`'s arguments.
 
     .. math::
@@ -375,7 +521,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     Same positional order, defaults and meaning as PyTorch: ``training=False``
     uses the running statistics; ``training=True`` uses batch statistics and
     updates ``running_mean``/``running_var`` in place when they are not None.
-    See :func:`batch_norm_forward` for the parameters.
+    See :func:`batch_norm_forward` for the parameters (``activation`` and ``residual``
+    fuse ``act(bn(x) + residual)`` into the same pass).
 
     Returns
     -------
@@ -393,4 +540,5 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     """
     return batch_norm_forward(x, weight, bias, running_mean=running_mean,
                               running_var=running_var, training=training,
-                              momentum=momentum, eps=eps, axis=axis, backend=backend).y
+                              momentum=momentum, eps=eps, axis=axis, activation=activation,
+                              residual=residual, backend=backend).y

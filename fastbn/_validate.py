@@ -255,6 +255,41 @@ def check_out(out, x, view):
     return view.view(out)
 
 
+_ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation):
+    """The epilogue's activation: None or "relu"; returns whether it is relu."""
+    if activation is not None and not isinstance(activation, str):
+        raise ArgumentTypeError(f"activation: expected None or a str, got "
+                                f"{type(activation).__name__}")
+    if activation not in _ACTIVATIONS:
+        raise ArgumentError(f"activation: expected None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def check_residual(residual, out, view):
+    """``residual`` (z of act(bn(x) + z)) is like x; ``out`` may be it, not overlap it."""
+    check_like_x(residual, "residual", view)
+    if out is not None and view.xp.may_share_memory(out, residual) and not _same_memory(
+            out, residual):
+        raise ArgumentError("out: overlaps residual without being residual itself; pass "
+                            "out=residual to add in place, or a separate array")
+
+
+def check_saved_output(y, relu, view):
+    """The backward of a relu epilogue needs the forward's output ``y`` (its mask)."""
+    if not relu:
+        if y is not None:
+            raise ArgumentError("y: the saved output is used only with activation='relu'; "
+                                "pass activation='relu' or leave y out")
+        return
+    if y is None:
+        raise ArgumentError("y: activation='relu' needs the forward's output y (the "
+                            "gradient is masked where y is not positive), got None")
+    check_like_x(y, "y", view)
+
+
 def _data_pointer(a):
     return a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import _api
-from ._validate import (STAT_DTYPE, check_dtype_name, check_eps, check_flag,
+from ._validate import (STAT_DTYPE, check_activation, check_dtype_name, check_eps, check_flag,
                         check_layer_input, check_momentum, check_num_features,
                         state_entries)
 
@@ -37,6 +37,9 @@ class BatchNorm:
     dtype : {"float32", "float64", "float16"}, default "float32"
         Dtype of the data. Parameters and running statistics are float32 for
         float16/float32 data and float64 for float64 data.
+    activation : {None, "relu"}, default None
+        Fuse an activation into the layer: ``y = relu(bn(x) [+ residual])`` in one pass
+        over memory, and its gradient into :meth:`backward` (the layer then saves ``y``).
     backend : str or Backend, optional
         Run every call on this backend.
 
@@ -61,7 +64,8 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, axis=1, dtype="float32", backend=None):
+                 track_running_stats=True, axis=1, dtype="float32", activation=None,
+                 backend=None):
         self.num_features = check_num_features(num_features)
         self.eps = check_eps(eps)
         self.momentum = None if momentum is None else check_momentum(momentum)
@@ -69,6 +73,8 @@ class BatchNorm:
         self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
         self.axis = axis
         self.dtype = check_dtype_name(dtype)
+        check_activation(activation)
+        self.activation = activation
         self.backend = backend
         stat = STAT_DTYPE[self.dtype]
         c = self.num_features
@@ -82,7 +88,7 @@ class BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.training = True
         self.grad_weight = self.grad_bias = None
-        self._saved = None  # (x, mean, invstd, used_batch_statistics) of the last forward
+        self._saved = None  # (x, mean, invstd, used_batch_statistics, y, residual) of the last forward
 
     # --- mode ---
     def train(self, mode=True):
@@ -95,8 +101,12 @@ class BatchNorm:
         return self.train(False)
 
     # --- compute ---
-    def forward(self, x):
-        """Normalize ``x``; in training mode also update the running statistics."""
+    def forward(self, x, residual=None):
+        """Normalize ``x``; in training mode also update the running statistics.
+
+        ``residual``: an array like ``x`` added after the affine step and before the
+        activation, ``y = act(bn(x) + residual)`` (ResNet's BN-add-ReLU), in the same pass.
+        """
         check_layer_input(x, STAT_DTYPE[self.dtype], self.num_features, self.axis)
         use_batch_stats = self.training or not self.track_running_stats
         updates = self.training and self.track_running_stats
@@ -108,10 +118,13 @@ class BatchNorm:
             running_mean=self.running_mean if self.track_running_stats else None,
             running_var=self.running_var if self.track_running_stats else None,
             training=use_batch_stats, momentum=0.0 if momentum is None else momentum,
-            eps=self.eps, axis=self.axis, backend=self.backend)
+            eps=self.eps, axis=self.axis, activation=self.activation, residual=residual,
+            backend=self.backend)
         if updates:
             self.num_batches_tracked += 1
-        self._saved = (x, result.mean, result.invstd, use_batch_stats)
+        saved_y = result.y if self.activation is not None else None
+        self._saved = (x, result.mean, result.invstd, use_batch_stats, saved_y,
+                       residual is not None)
         return result.y
 
     __call__ = forward
@@ -121,17 +134,18 @@ class BatchNorm:
 
         Uses the input and statistics saved by the last :meth:`forward`, in the
         mode that forward ran in (batch statistics: the full BN gradient;
-        running statistics: ``dx = dy * invstd * weight``).
+        running statistics: ``dx = dy * invstd * weight``). Returns ``dx``, or
+        ``(dx, dresidual)`` when the last forward added a residual.
         """
         if self._saved is None:
             raise RuntimeError("backward: call forward(x) first; no statistics are saved")
-        x, mean, invstd, used_batch_stats = self._saved
-        dx, dweight, dbias = _api.batch_norm_backward(
+        x, mean, invstd, used_batch_stats, y, residual = self._saved
+        grads = _api.batch_norm_backward(
             dy, x, mean, invstd, weight=self.weight, training=used_batch_stats, axis=self.axis,
-            backend=self.backend)
+            activation=self.activation, y=y, residual=residual, backend=self.backend)
         if self.affine:
-            self.grad_weight, self.grad_bias = dweight, dbias
-        return dx
+            self.grad_weight, self.grad_bias = grads.dweight, grads.dbias
+        return (grads.dx, grads.dresidual) if residual else grads.dx
 
     # --- state ---
     def _state_keys(self):
@@ -162,4 +176,5 @@ class BatchNorm:
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}, dtype={self.dtype!r})")
+                f"axis={self.axis}, dtype={self.dtype!r}"
+                + (f", activation={self.activation!r})" if self.activation else ")"))
