@@ -22,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("fastbn.torch needs PyTorch: pip install 'fastbn[torch]'") from exc
 
 from . import _api
+from ._torch_fold import fold  # noqa: F401 (fastbn.torch.fold)
 
 Tensor = torch.Tensor
 
