@@ -248,6 +248,43 @@ class WrongOnHugeChannel(Mutant):
         return super().stats(np.ascontiguousarray(x3[:, :, :1 << 17]))
 
 
+class ReluDropsNaN(Mutant):
+    """relu as fmax(v, 0): NaN becomes 0, where torch.relu keeps NaN."""
+
+    def normalize_epilogue(self, x3, mean, scale, shift, z3, relu, y3):
+        super().normalize_epilogue(x3, mean, scale, shift, z3, False, y3)
+        if relu:
+            np.fmax(y3, 0, out=y3)
+
+
+class MaskAtZero(Mutant):
+    """The gradient mask taken where y >= 0: y == 0 (a clipped value) passes its gradient."""
+
+    def backward_elemt_relu(self, dy3, y3, x3, mean, k_dy, k_x, k_c, dz3, dx3):
+        g = np.where(y3 >= 0, dy3, 0).astype(dy3.dtype)
+        self.backward_elemt(g, x3, mean, k_dy, k_x, k_c, dx3)
+        if dz3 is not None:
+            dz3[...] = g
+
+
+class ResidualReadAfterWrite(Mutant):
+    """Writes y3 before reading z3: right into a separate y3, wrong for out=residual."""
+
+    def normalize_epilogue(self, x3, mean, scale, shift, z3, relu, y3):
+        self.normalize(x3, mean, scale, shift, y3)
+        if z3 is not None:
+            y3 += z3
+        if relu:
+            np.maximum(y3, 0, out=y3)
+
+
+class ForgetsDz(Mutant):
+    """The residual's gradient is never written."""
+
+    def backward_elemt_relu(self, dy3, y3, x3, mean, k_dy, k_x, k_c, dz3, dx3):
+        super().backward_elemt_relu(dy3, y3, x3, mean, k_dy, k_x, k_c, None, dx3)
+
+
 # mutant -> the kernel the kit must name
 CATALOGUE = {
     UnbiasedM2: "stats",
@@ -273,6 +310,10 @@ CATALOGUE = {
     FirstChannelBlockOnly: "normalize",
     FusedBackwardReturnsDweight: "backward_train",
     WrongOnHugeChannel: "stats",
+    ReluDropsNaN: "normalize_epilogue",
+    MaskAtZero: "backward_elemt_relu",
+    ResidualReadAfterWrite: "normalize_epilogue",
+    ForgetsDz: "backward_elemt_relu",
 }
 
 

@@ -19,14 +19,18 @@ import numpy as np
 
 from .. import _api, _registry, _threads
 from .._backends.numpy_ref import NumpyReference
-from .._registry import FUSED_KERNELS, REQUIRED_KERNELS, BackendContractError
+from .._registry import (EPILOGUE_KERNELS, FUSED_KERNELS, REQUIRED_KERNELS,
+                         WRITE_AND_REDUCE_KERNELS, BackendContractError)
 from .._validate import STAT_DTYPE, canonical, kernel_vectors, kernel_wrote
 from ._helpers import direct_backward, direct_forward, numpy_dtype, to_numpy, tolerance
 
 #: The oracle: the NumPy reference backend (float64 arithmetic, two-pass statistics).
 ReferenceBackend = NumpyReference
 _REF = NumpyReference()
-_WRITES = {"normalize", "backward_elemt", "forward_train", "backward_train"}
+_WRITES = {"normalize", "backward_elemt", "forward_train", "backward_train",
+           "normalize_epilogue", "forward_train_epilogue", "backward_elemt_relu",
+           "backward_train_relu"}
+_WRITES_DZ = {"backward_elemt_relu", "backward_train_relu"}  # dz3 (or None) before the output
 
 # (O, C, I) views: both kernel families and their edges
 SHAPES = {
@@ -132,11 +136,11 @@ class _Context:
 
         Returns the result, or NotImplemented when the kernel declined.
         """
-        x3 = args[1] if kernel in ("backward_reduce", "backward_elemt", "backward_train") \
-            else args[0]
+        x3 = args[0]  # every (O, C, I) argument has x3's shape and dtype
         shape = tuple(x3.shape)
         out = args[-1] if kernel in _WRITES else None
-        inputs = [a for a in args if hasattr(a, "shape") and a is not out]
+        dz = args[-2] if kernel in _WRITES_DZ else None
+        inputs = [a for a in args if hasattr(a, "shape") and a is not out and a is not dz]
         before = [self.xp.array(a, copy=True) for a in inputs + ([out] if out is not None
                                                                 else [])]
         try:
@@ -162,7 +166,7 @@ class _Context:
             return NotImplemented
         where = (self.backend.name, kernel)
         try:
-            if kernel in _WRITES and kernel not in FUSED_KERNELS:
+            if kernel in _WRITES and kernel not in WRITE_AND_REDUCE_KERNELS:
                 kernel_wrote(result, where)
             else:
                 kernel_vectors(result, where, canonical(x3, 1))
@@ -343,6 +347,143 @@ def check_backward_train(ctx):
     ctx.require_served("backward_train")
 
 
+# --- epilogues: y = relu(bn(x) + z) and its gradient (optional kernels) ----------------------
+
+_EPILOGUE_CASES = ((None, True), ("z", False), ("z", True))  # (residual, relu)
+
+
+def _epilogue64(y64, z3, relu):
+    y = y64 + (0.0 if z3 is None else z3.astype(np.float64))
+    return np.maximum(y, 0.0) if relu else y
+
+
+def check_normalize_epilogue(ctx):
+    """y3 = relu((x3 - mean) * scale + shift + z3), also written over z3 (out=residual)."""
+    for shape in SHAPES.values():
+        x3, c = ctx.data(shape), shape[1]
+        mean, scale, shift = ctx.vector(c, -3, 3), ctx.vector(c, 0.5, 2), ctx.vector(c, -1, 1)
+        for residual, relu in _EPILOGUE_CASES + (("z is y3", True),):
+            z3 = None if residual is None else ctx.data(shape, loc=0.0)
+            want = _epilogue64(_normalized(x3, mean, scale, shift), z3, relu)
+            if residual == "z is y3":
+                y3 = z = ctx.dev(z3, read_only=False)
+            else:
+                y3, z = ctx.nan_like(shape), None if z3 is None else ctx.dev(z3)
+            if ctx.call("normalize_epilogue", ctx.dev(x3), ctx.dev(mean), ctx.dev(scale),
+                        ctx.dev(shift), z, relu, y3) is NotImplemented:
+                continue
+            ctx.expect("normalize_epilogue", shape, f"y3 (residual: {residual}, relu: {relu})",
+                       y3, want, ctx.dtype)
+    # relu keeps NaN (torch.relu): a max(v, 0) that drops it hides a poisoned input
+    shape = SHAPES["planes, odd run"]
+    x3, c = ctx.data(shape), shape[1]
+    x3[1, 2, 5] = np.nan
+    ones, zeros = np.ones(c, ctx.stat), np.zeros(c, ctx.stat)
+    y3 = ctx.nan_like(shape)
+    with np.errstate(invalid="ignore"):
+        if ctx.call("normalize_epilogue", ctx.dev(x3), ctx.dev(zeros), ctx.dev(ones),
+                    ctx.dev(zeros), None, True, y3) is not NotImplemented:
+            y = to_numpy(y3)
+            if not np.isnan(y[1, 2, 5]) or np.isnan(y).sum() != 1:
+                ctx.fail("normalize_epilogue", shape, f"relu of a NaN gave {y[1, 2, 5]!r} "
+                                                      f"({int(np.isnan(y).sum())} NaNs in y3); "
+                                                      f"relu keeps NaN, as torch.relu")
+    ctx.require_served("normalize_epilogue")
+
+
+def check_forward_train_epilogue(ctx):
+    """The fused training forward with the epilogue: statistics of x, y with the epilogue."""
+    eps = 1e-3
+    for shape in SHAPES.values():
+        x3, c = ctx.data(shape), shape[1]
+        weight, bias = ctx.vector(c, 0.5, 1.5), ctx.vector(c, -1, 1)
+        mean64, var64 = _batch_stats64(x3)
+        y64 = _normalized(x3, mean64, weight / np.sqrt(var64 + eps), bias)
+        for residual, relu in _EPILOGUE_CASES:
+            z3 = None if residual is None else ctx.data(shape, loc=0.0)
+            y3 = ctx.nan_like(shape)
+            got = ctx.call("forward_train_epilogue", ctx.dev(x3), ctx.dev(weight), ctx.dev(bias),
+                           eps, None if z3 is None else ctx.dev(z3), relu, y3)
+            if got is NotImplemented:
+                continue
+            mean, m2 = _REF.stats(x3)
+            ctx.expect("forward_train_epilogue", shape, "mean", got[0], mean, ctx.stat)
+            ctx.expect("forward_train_epilogue", shape, "m2", got[1], m2, ctx.stat)
+            ctx.expect("forward_train_epilogue", shape,
+                       f"y3 (residual: {residual}, relu: {relu})", y3,
+                       _epilogue64(y64, z3, relu), ctx.dtype)
+    ctx.require_served("forward_train_epilogue")
+
+
+def _relu_case(ctx, shape):
+    """x3, dy3 and a saved output y3 with about half its values <= 0 (some exactly 0)."""
+    x3, dy3 = ctx.data(shape), ctx.data(shape, loc=1.0)
+    y3 = ctx.data(shape, loc=0.0)
+    y3 = np.where(y3 < 0, np.zeros((), y3.dtype), y3)
+    g64 = np.where(y3.astype(np.float64) > 0, dy3.astype(np.float64), 0.0)
+    return x3, dy3, y3, g64
+
+
+def _expect_dz(ctx, kernel, shape, dz3, g64):
+    if dz3 is not None and not np.array_equal(to_numpy(dz3).astype(np.float64), g64):
+        ctx.fail(kernel, shape, "dz3 is not dy where y > 0 and 0 elsewhere, exactly")
+
+
+def check_backward_relu(ctx):
+    """backward_reduce_relu and backward_elemt_relu: dy masked where the saved y is not > 0."""
+    for shape in SHAPES.values():
+        x3, dy3, y3, g64 = _relu_case(ctx, shape)
+        c = shape[1]
+        mean = _batch_stats64(x3)[0].astype(ctx.stat)
+        got = ctx.call("backward_reduce_relu", ctx.dev(dy3), ctx.dev(y3), ctx.dev(x3),
+                       ctx.dev(mean))
+        if got is not NotImplemented:
+            sum_g, sum_g_xmu = _sums64(g64, x3, mean)
+            ctx.expect("backward_reduce_relu", shape, "sum(g)", got[0], sum_g, ctx.stat)
+            ctx.expect("backward_reduce_relu", shape, "sum(g * (x - mean))", got[1], sum_g_xmu,
+                       ctx.stat)
+        k_dy, k_x, k_c = ctx.vector(c, 0.5, 2), ctx.vector(c, -1, 1), ctx.vector(c, -1, 1)
+        for with_dz in (False, True):
+            dz3 = ctx.nan_like(shape) if with_dz else None
+            dx3 = ctx.nan_like(shape)
+            if ctx.call("backward_elemt_relu", ctx.dev(dy3), ctx.dev(y3), ctx.dev(x3),
+                        ctx.dev(mean), ctx.dev(k_dy), ctx.dev(k_x), ctx.dev(k_c), dz3,
+                        dx3) is NotImplemented:
+                continue
+            ctx.expect("backward_elemt_relu", shape, "dx3", dx3,
+                       _elemt64(g64, x3, mean, k_dy, k_x, k_c), ctx.dtype)
+            _expect_dz(ctx, "backward_elemt_relu", shape, dz3, g64)
+    ctx.require_served("backward_reduce_relu")
+    ctx.require_served("backward_elemt_relu")
+
+
+def check_backward_train_relu(ctx):
+    """The fused training backward with the relu mask (and dz3)."""
+    for shape in SHAPES.values():
+        x3, dy3, y3, g64 = _relu_case(ctx, shape)
+        c = shape[1]
+        mean64, var64 = _batch_stats64(x3)
+        mean, invstd = mean64.astype(ctx.stat), (1 / np.sqrt(var64 + 1e-3)).astype(ctx.stat)
+        weight = ctx.vector(c, 0.5, 1.5)
+        for with_dz in (False, True):
+            dz3 = ctx.nan_like(shape) if with_dz else None
+            dx3 = ctx.nan_like(shape)
+            got = ctx.call("backward_train_relu", ctx.dev(dy3), ctx.dev(y3), ctx.dev(x3),
+                           ctx.dev(mean), ctx.dev(invstd), ctx.dev(weight), dz3, dx3)
+            if got is NotImplemented:
+                continue
+            sum_g, sum_g_xmu = _sums64(g64, x3, mean)
+            ctx.expect("backward_train_relu", shape, "sum(g)", got[0], sum_g, ctx.stat)
+            ctx.expect("backward_train_relu", shape, "sum(g * (x - mean))", got[1], sum_g_xmu,
+                       ctx.stat)
+            k = _backward_coefficients(weight, invstd.astype(np.float64), sum_g, sum_g_xmu,
+                                       shape[0] * shape[2])
+            ctx.expect("backward_train_relu", shape, "dx3", dx3, _elemt64(g64, x3, mean, *k),
+                       ctx.dtype)
+            _expect_dz(ctx, "backward_train_relu", shape, dz3, g64)
+    ctx.require_served("backward_train_relu")
+
+
 def check_nonfinite_stays_in_its_channel(ctx):
     """A NaN or inf poisons its own channel's statistics and elements, and no other."""
     fused = {k for k in FUSED_KERNELS if getattr(ctx.backend, k, None) is not None}
@@ -485,9 +626,10 @@ class _Recorder:
         self.name, self.priority = backend.name, backend.priority
         self.devices, self.dtypes = backend.devices, backend.dtypes
         self.ran = []
-        for kernel in REQUIRED_KERNELS + FUSED_KERNELS:
+        for kernel in REQUIRED_KERNELS + FUSED_KERNELS + EPILOGUE_KERNELS:
             present = getattr(backend, kernel, None) is not None
-            if kernel in FUSED_KERNELS and not (fused and present):
+            optional = kernel in FUSED_KERNELS or kernel in EPILOGUE_KERNELS
+            if optional and not (present and (fused or kernel in EPILOGUE_KERNELS)):
                 setattr(self, kernel, None)
             else:
                 setattr(self, kernel, self._recording(kernel))
@@ -521,14 +663,15 @@ def _layout_input(ctx, layout):
     return (memory(x) if memory else x), axis, shape[axis]
 
 
-def _forward_both(ctx, recorder, x, params, **kw):
+def _forward_both(ctx, recorder, x, params, residual=None, **kw):
     """The public forward on the backend and on the reference: two lists of host arrays."""
     runs = []
     for backend in (recorder, _REF):
         dev = ctx.dev if backend is recorder else (lambda a, read_only=True: np.array(a))
         w, b, rm, rv = (dev(p, read_only=False) for p in params)
+        z = None if residual is None else dev(residual)
         call = lambda: _api.batch_norm_forward(dev(x), w, b, running_mean=rm, running_var=rv,
-                                               backend=backend, **kw)
+                                               residual=z, backend=backend, **kw)
         result = _public(ctx, recorder, x.shape, call) if backend is recorder else call()
         runs.append([to_numpy(a) for a in (*result, rm, rv)])
     return runs
@@ -584,6 +727,35 @@ def _check_backward(ctx, training, fused=True):
 
 def check_forward_training(ctx):
     _check_forward(ctx, training=True)
+
+
+def check_epilogue_public(ctx):
+    """relu(bn(x) + z) forward and backward through the public functions, every layout,
+    training and inference: with the backend's epilogue kernels, or the core's composition."""
+    recorder = _Recorder(ctx.backend)
+    for layout in LAYOUTS:
+        x, axis, c = _layout_input(ctx, layout)
+        z, dy = ctx.data(x.shape, axis, loc=0.0), ctx.data(x.shape, axis, loc=1.0)
+        for training in (True, False):
+            got, ref = _forward_both(ctx, recorder, x, _params(ctx, c), training=training,
+                                     eps=1e-3, axis=axis, activation="relu",
+                                     residual=z)
+            ran = tuple(recorder.ran)
+            ctx.expect(ran, x.shape, f"relu(bn(x) + z) ({layout}, training={training})",
+                       got[0], ref[0], ctx.dtype)
+            y, mean, invstd = got[0], got[1].astype(ctx.stat), got[2].astype(ctx.stat)
+            weight = ctx.vector(c, 0.5, 1.5)
+            kw = dict(weight=weight, training=training, axis=axis, activation="relu",
+                      residual=True)
+            grads = _public(ctx, recorder, x.shape, lambda: _api.batch_norm_backward(
+                ctx.dev(dy), ctx.dev(x), ctx.dev(mean), ctx.dev(invstd), y=ctx.dev(y),
+                backend=recorder, **{**kw, "weight": ctx.dev(weight)}))
+            ran = tuple(recorder.ran)
+            want = _api.batch_norm_backward(dy, x, mean, invstd, y=y, backend=_REF, **kw)
+            for name, a, b, dtype in zip(("dx", "dweight", "dbias", "dresidual"), grads, want,
+                                         (ctx.dtype, ctx.stat, ctx.stat, ctx.dtype)):
+                ctx.expect(ran, x.shape, f"{name} of relu(bn(x) + z) ({layout}, "
+                                         f"training={training})", a, b, dtype)
 
 
 def check_forward_inference(ctx):
@@ -825,11 +997,17 @@ CHECKS = {
     "backward_elemt": (check_backward_elemt, _always),
     "forward_train": (check_forward_train, _has("forward_train")),
     "backward_train": (check_backward_train, _has("backward_train")),
+    "normalize_epilogue": (check_normalize_epilogue, _has("normalize_epilogue")),
+    "forward_train_epilogue": (check_forward_train_epilogue, _has("forward_train_epilogue")),
+    "backward_relu": (check_backward_relu, lambda b, t, d: _has("backward_reduce_relu")(b, t, d)
+                      and _has("backward_elemt_relu")(b, t, d)),
+    "backward_train_relu": (check_backward_train_relu, _has("backward_train_relu")),
     "nonfinite_stays_in_its_channel": (check_nonfinite_stays_in_its_channel, _always),
     "half_edges": (check_half_edges, lambda b, dtype, d: dtype in ("float16", "bfloat16")),
     "stable_statistics": (check_stable_statistics, _always),
     "forward_training": (check_forward_training, _always),
     "forward_inference": (check_forward_inference, _always),
+    "epilogue_public": (check_epilogue_public, _always),
     "backward_training": (check_backward_training, _always),
     "backward_inference": (check_backward_inference, _always),
     "composed_path": (check_composed_path, lambda b, t, d: any(
