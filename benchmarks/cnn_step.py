@@ -7,7 +7,7 @@ norms folded into the convolutions (``fastbn.torch.fold``) vs unfolded.
 
 conv-BN-ReLU x2 + linear (the model of tests/test_interop.py, wider), same
 seed, same data; steps interleaved between the models (torch BN and fastbn BN,
-eager and ``torch.compile(fullgraph=True)``); prints the median step time of each,
+eager and ``torch.compile(fullgraph=True)``); prints the median and p90 step time of each,
 the ratios, and the fastbn backend that served. Compilation (inductor, about a
 minute per model here) happens in the warm-up step and is not timed.
 
@@ -16,8 +16,8 @@ BN, fastbn BN and the folded model (the same for both, conv-ReLU x2 + linear),
 eager and compiled; forwards interleaved, median and p90 of each, and the ratios
 unfolded / folded.
 """
-import copy
 import argparse
+import copy
 import statistics
 import time
 
@@ -71,17 +71,24 @@ def inference(args, x):
         reference = models["fastbn BN"](x)
         worst = max(float((m(x) - reference).abs().max()) for m in models.values())
         times = _interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.steps)
+    _report(f"CNN inference step (eval, no_grad), batch {args.batch}x3x{args.size}x{args.size}, "
+            f"width {args.width}, {args.threads} threads, {args.steps} interleaved repeats; "
+            f"largest output difference from the unfolded model: {worst:.2e}",
+            times, [("torch BN", "folded"), ("fastbn BN", "folded")])
+
+
+def _report(title, times, ratios):
+    """The median and p90 of each entry of ``times``, then the ratios of medians
+    ``(slower, faster)``, eager and compiled."""
     medians = {k: statistics.median(v) for k, v in times.items()}
-    print(f"CNN inference step (eval, no_grad), batch {args.batch}x3x{args.size}x{args.size}, "
-          f"width {args.width}, {args.threads} threads, {args.steps} interleaved repeats; "
-          f"largest output difference from the unfolded model: {worst:.2e}")
+    print(title)
     for name, v in times.items():
         print(f"  {name:<20} median {medians[name] * 1e3:8.2f} ms   p90 {_p90(v) * 1e3:8.2f} ms")
     for suffix in ("", ", compiled"):
-        if f"folded{suffix}" in medians:
-            for unfolded in ("torch BN", "fastbn BN"):
-                ratio = medians[unfolded + suffix] / medians[f"folded{suffix}"]
-                print(f"  {unfolded} / folded step time{suffix or ', eager'}: {ratio:.2f}x")
+        for slow, fast in ratios:
+            if slow + suffix in medians and fast + suffix in medians:
+                ratio = medians[slow + suffix] / medians[fast + suffix]
+                print(f"  {slow} / {fast} step time{suffix or ', eager'}: {ratio:.2f}x")
 
 
 def main():
@@ -127,17 +134,9 @@ def train(args, x, t):
         return loss.item()
 
     times = _interleaved({name: (lambda name=name: step(name)) for name in models}, args.steps)
-    served = fastbn.last_backend()
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    print(f"CNN training step, batch {args.batch}x3x{args.size}x{args.size}, width "
-          f"{args.width}, {args.threads} threads, median of {args.steps} interleaved steps "
-          f"(fastbn backend: {served})")
-    for name, m in medians.items():
-        print(f"  {name:<20} {m * 1e3:8.2f} ms")
-    for suffix in ("", ", compiled"):
-        if f"torch BN{suffix}" in medians:
-            ratio = medians[f"torch BN{suffix}"] / medians[f"fastbn BN{suffix}"]
-            print(f"  torch / fastbn step time{suffix or ', eager'}: {ratio:.2f}x")
+    _report(f"CNN training step, batch {args.batch}x3x{args.size}x{args.size}, width "
+            f"{args.width}, {args.threads} threads, {args.steps} interleaved steps (fastbn "
+            f"backend: {fastbn.last_backend()})", times, [("torch BN", "fastbn BN")])
 
 
 if __name__ == "__main__":

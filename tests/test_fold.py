@@ -148,6 +148,21 @@ def test_jax_dense_and_conv_kernels_fold_on_the_last_axis():
                  condition=tolerance("float32")[0])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_jax_half_kernels_keep_their_dtype(dtype):
+    jax = pytest.importorskip("jax")
+    rng = np.random.default_rng(7)
+    kernel = rng.normal(size=(3, 2, 5)).astype(np.float32)
+    stats = _bn_vectors(rng, 5, True, "float32")
+    k2, b2 = fastbn.fold(jax.numpy.asarray(kernel, dtype=dtype), None,
+                         *(jax.numpy.asarray(v) for v in stats), axis=-1)
+    assert isinstance(k2, jax.Array) and k2.dtype == dtype and b2.dtype == dtype
+    k64, b64 = fastbn.fold(_f64(np.asarray(jax.numpy.asarray(kernel, dtype=dtype),
+                                           dtype=np.float32)), None, *stats, axis=-1)
+    assert_close(np.asarray(k2, dtype=np.float32), k64, dtype)
+    assert_close(np.asarray(b2, dtype=np.float32), b64, dtype)
+
+
 # --- bad arguments -----------------------------------------------------------------------
 
 def _good():
