@@ -20,6 +20,6 @@ from .layer import BatchNorm
 __all__ = [
     "ArgumentError", "ArgumentTypeError", "Backend", "BackendContractError", "BackendInfo", "BackendUnavailableError", "BackwardResult", "BatchNorm",
     "ForwardResult", "ResidualBackwardResult", "__version__", "backends", "batch_norm", "batch_norm_backward",
-    "batch_norm_forward", "get_backend", "get_num_threads", "last_backend", "num_threads",
+    "batch_norm_forward", "fold", "get_backend", "get_num_threads", "last_backend", "num_threads",
     "register_backend", "set_num_threads", "show_config", "use_backend",
 ]

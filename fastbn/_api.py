@@ -11,7 +11,7 @@ from ._registry import WRITE_AND_REDUCE_KERNELS
 from ._validate import (STAT_DTYPE, canary_left, canonical, channel_vector, check_activation,
                         check_canary, check_eps, check_flag, check_like_x, check_momentum,
                         check_out, check_residual, check_saved_output, check_training_count,
-                        device_of, kernel_vectors, kernel_wrote, plant_canary,
+                        device_of, kernel_vectors, kernel_wrote, name_of, plant_canary,
                         required_channel_vector, running_stats)
 
 _FLOATS = frozenset(STAT_DTYPE)
@@ -134,7 +134,7 @@ def _epilogue_by_array_ops(view, y3, z3, relu):
     if z3 is None and y3.dtype.itemsize > 2:
         xp.maximum(y3, 0, out=y3)  # NaN stays NaN
         return
-    y = y3.astype(STAT_DTYPE[y3.dtype.name])
+    y = y3.astype(STAT_DTYPE[name_of(y3.dtype)])
     if z3 is not None:
         y += z3.astype(y.dtype)
     y3[...] = xp.maximum(y, 0) if relu else y
@@ -350,7 +350,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     training = check_flag(training, "training")
     eps = check_eps(eps)
     relu = check_activation(activation)
-    dtype = view.x3.dtype.name
+    dtype = name_of(view.x3.dtype)
     stat = STAT_DTYPE[dtype]
     weight = channel_vector(weight, "weight", view, {dtype, stat}, stat)
     bias = channel_vector(bias, "bias", view, {dtype, stat}, stat)
@@ -486,7 +486,7 @@ def _backward(dy, x, mean, invstd, weight, training, axis, activation, y, residu
     xp = view.xp
     check_like_x(dy, "dy", view)
     check_saved_output(y, relu, view)
-    dtype = view.x3.dtype.name
+    dtype = name_of(view.x3.dtype)
     stat = STAT_DTYPE[dtype]
     mean = required_channel_vector(mean, "mean", view, _FLOATS, stat)
     invstd = required_channel_vector(invstd, "invstd", view, _FLOATS, stat)

@@ -12,15 +12,21 @@ import os
 
 _scoped = contextvars.ContextVar("fastbn_num_threads", default=None)
 _global = None
+_omp_max_threads = False  # the kernels' omp_get_max_threads, None without it; False: not looked up
 
 
 def _openmp_default():
-    """omp_get_max_threads of the compiled kernels, or None without OpenMP."""
-    try:
-        from ._kernels._bn_omp import openmp_enabled, openmp_max_threads
-    except ImportError:
-        return None
-    return openmp_max_threads() if openmp_enabled() else None
+    """omp_get_max_threads of the compiled kernels (read at each call: threadpoolctl may
+    change it), or None without OpenMP. The lookup is done once: it runs on every call."""
+    global _omp_max_threads
+    if _omp_max_threads is False:
+        try:
+            from ._kernels._bn_omp import openmp_enabled, openmp_max_threads
+        except ImportError:
+            _omp_max_threads = None
+        else:
+            _omp_max_threads = openmp_max_threads if openmp_enabled() else None
+    return None if _omp_max_threads is None else _omp_max_threads()
 
 
 def _default_num_threads():

@@ -20,6 +20,16 @@ from ._registry import ArgumentError, ArgumentTypeError, BackendContractError
 STAT_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32",
               "float64": "float64"}
 _FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+_DTYPE_NAMES = {}
+
+
+def name_of(dtype):
+    """``dtype.name``, cached: NumPy builds that string anew at every access (about a
+    microsecond, several times per call on the per-call path)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        return _DTYPE_NAMES.setdefault(dtype, dtype.name)
 
 
 class Canonical(NamedTuple):
@@ -101,7 +111,7 @@ def check_array(a, name, xp=None):
 
 def check_float(a, name):
     """``a.dtype`` must be float16/32/64; returns the dtype name."""
-    dtype = a.dtype.name
+    dtype = name_of(a.dtype)
     if dtype not in STAT_DTYPE:
         raise ArgumentTypeError(f"{name}: expected dtype {_FLOAT_NAMES}, got {dtype}")
     return dtype
@@ -196,7 +206,7 @@ def channel_vector(v, name, view, dtypes, stat_dtype):
     if v.shape != (c,):
         raise ArgumentError(f"{name}: expected shape ({c},) (one value per channel of x), "
                          f"got {tuple(v.shape)}")
-    if v.dtype.name not in dtypes:
+    if name_of(v.dtype) not in dtypes:
         raise ArgumentTypeError(f"{name}: expected dtype {' or '.join(sorted(dtypes))} for "
                         f"{view.x3.dtype.name} x, got {v.dtype.name}")
     return xp.ascontiguousarray(v, dtype=stat_dtype)
@@ -318,7 +328,7 @@ def kernel_vectors(result, where, view):
     """A kernel's ``(a, b)`` result: two (C,) arrays of the call's library in the stat dtype."""
     if result is NotImplemented:
         return result
-    shape, stat = (view.x3.shape[1],), _STAT_OF[view.x3.dtype.name]
+    shape, stat = (view.x3.shape[1],), _STAT_OF[name_of(view.x3.dtype)]
     array = np.ndarray if view.xp is np else view.xp.ndarray
     if isinstance(result, tuple) and len(result) == 2 and all(
             isinstance(v, array) and v.shape == shape and v.dtype == stat for v in result):
@@ -355,14 +365,14 @@ def plant_canary(out3):
     """Mark both ends of a fresh host (O, C, I) output buffer; returns whether it did."""
     if not isinstance(out3, np.ndarray) or out3.size == 0:
         return False  # device buffers: checking would synchronise the stream
-    canary = _CANARY[out3.dtype.name]
+    canary = _CANARY[name_of(out3.dtype)]
     bits = out3.view(canary.dtype)
     bits[_ENDS[0]] = bits[_ENDS[1]] = canary
     return True
 
 
 def canary_left(out3):
-    canary = _CANARY[out3.dtype.name]
+    canary = _CANARY[name_of(out3.dtype)]
     bits = out3.view(canary.dtype)
     return bits[_ENDS[0]] == canary or bits[_ENDS[1]] == canary
 
@@ -372,7 +382,7 @@ def check_canary(out3, args, result, where):
 
     ``args`` are the kernel's arguments (the output last), ``result`` what it returned.
     """
-    canary = _CANARY[out3.dtype.name]
+    canary = _CANARY[name_of(out3.dtype)]
     bits = out3.view(canary.dtype)
     data = [a for a in args[:-1] if getattr(a, "ndim", 0) == 3]
     vectors = [a for a in args if getattr(a, "ndim", 0) == 1] + list(result or ())
