@@ -43,7 +43,8 @@ def _parser():
                             "preallocated, touched out=)")
     bench.add_argument("--threads", type=int, help="threads for every contender "
                                                    "(default: fastbn.get_num_threads())")
-    bench.add_argument("--repeats", type=int, default=7, help="timed rounds per case (median)")
+    bench.add_argument("--repeats", type=int, default=15,
+                       help="timed rounds per case (median and 90th percentile)")
     bench.add_argument("--warm", action="store_true",
                        help="don't flush the caches between timed calls (default: cold)")
     bench.add_argument("--json", metavar="PATH", help="also save the results as JSON")
@@ -59,10 +60,11 @@ def _bench(args):
     ops = args.op or list(bench.OPS)
     cases = []
     for layout in layouts:
-        shape = bench.DEFAULT_SHAPES[layout]
+        shapes = bench.DEFAULT_SHAPES[layout]
         if args.shape is not None:
-            shape = args.shape[:2] if layout == "NC" else args.shape
-        cases += [bench.Case(op, layout, shape, dtype) for dtype in dtypes for op in ops]
+            shapes = [args.shape[:2] if layout == "NC" else args.shape]
+        cases += [bench.Case(op, layout, shape, dtype)
+                  for shape in shapes for dtype in dtypes for op in ops]
     try:
         contenders = bench.available_contenders(args.backend)
     except ValueError as exc:
@@ -76,7 +78,7 @@ def _bench(args):
     missing = [p for p in bench.PEERS if bench.peer_unavailable_reason(p)]
     results = bench.run_cases(cases, contenders, threads=threads, repeats=args.repeats,
                               progress=bench.progress_bar, cold=not args.warm)
-    print(f"fastbn {results[0]['fastbn'] if results else ''}: medians of {args.repeats} "
+    print(f"fastbn {results[0]['fastbn'] if results else ''}: medians and p90s of {args.repeats} "
           f"interleaved rounds, {threads} threads, {'warm' if args.warm else 'cold'} caches; floor = yardstick read/copy "
           f"kernels in the same run")
     for p in missing:

@@ -31,7 +31,9 @@ from ._version import __version__
 OPS = ("forward-training", "forward-training-out", "inference", "backward")
 LAYOUTS = ("NCHW", "NHWC", "NC")
 PEERS = ("torch", "numpy-naive")
-DEFAULT_SHAPES = {"NCHW": (32, 64, 56, 56), "NHWC": (32, 64, 56, 56), "NC": (4096, 1024)}
+DEFAULT_SHAPES = {"NCHW": [(32, 64, 56, 56)], "NHWC": [(32, 64, 56, 56)],
+                  # a wide MLP layer's BatchNorm1d too: 2 MB, where per-call cost shows
+                  "NC": [(4096, 1024), (256, 2048)]}
 # per operation: bytes moved per byte of x; reads of x's bytes in the floor (plus one
 # copy); whether the output is freshly allocated
 TRAFFIC = {"forward-training": (3, 1, True), "forward-training-out": (3, 1, False),
@@ -322,12 +324,19 @@ def round_robin(contenders, repeats, flush):
     return times
 
 
-def run_cases(cases, contenders, *, threads=None, repeats=7, progress=None, cold=True):
+def p90(times):
+    """The 90th percentile (nearest rank): the time 9 calls in 10 stay within."""
+    ordered = sorted(times)
+    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def run_cases(cases, contenders, *, threads=None, repeats=15, progress=None, cold=True):
     """Time every contender on every case, interleaved; one result dict per pair.
 
     Per case: one warm-up call each, then ``repeats`` rounds in which every
     contender and the floor run once, in turn, each after a cache flush when
-    ``cold``. Medians are reported.
+    ``cold``. Medians and 90th percentiles are reported, and each contender's
+    ratios to torch for both.
     """
     threads = threads or _threads.get_num_threads()
     flush = CacheFlusher() if cold else (lambda: None)
@@ -354,6 +363,7 @@ def run_cases(cases, contenders, *, threads=None, repeats=7, progress=None, cold
                 times[name].append(_time_once(fn))
         floor = statistics.median(floor_times)
         torch_median = statistics.median(times["torch"]) if "torch" in times else None
+        torch_p90 = p90(times["torch"]) if "torch" in times else None
         for name in contenders:
             done += 1
             if progress:
@@ -365,11 +375,13 @@ def run_cases(cases, contenders, *, threads=None, repeats=7, progress=None, cold
             if name in skipped:
                 results.append(dict(row, skipped=skipped[name]))
                 continue
-            median = statistics.median(times[name])
-            results.append(dict(row, median_s=median, gbps=case.bytes_moved / median / 1e9,
+            median, tail = statistics.median(times[name]), p90(times[name])
+            results.append(dict(row, median_s=median, p90_s=tail,
+                                gbps=case.bytes_moved / median / 1e9,
                                 floor_ratio=median / floor,
                                 speedup_vs_torch=(torch_median / median
-                                                  if torch_median else None)))
+                                                  if torch_median else None),
+                                p90_speedup_vs_torch=(torch_p90 / tail if torch_p90 else None)))
     return results
 
 
@@ -384,7 +396,8 @@ def progress_bar(done, total, label, width=30, stream=sys.stderr):
 def format_table(results):
     """A text table: one row per contender and case."""
     header = (f"{'backend':<12} {'operation':<21} {'layout':<5} {'shape':<14} {'dtype':<8} "
-              f"{'median ms':>10} {'GB/s':>7} {'x floor':>8} {'vs torch':>9}")
+              f"{'median ms':>10} {'p90 ms':>8} {'GB/s':>7} {'x floor':>8} {'vs torch':>9} "
+              f"{'p90 vs torch':>12}")
     lines = [header, "-" * len(header)]
     for r in results:
         shape = "x".join(map(str, r["shape"]))
@@ -392,9 +405,10 @@ def format_table(results):
         if "skipped" in r:
             lines.append(head + f"skipped: {r['skipped']}")
             continue
-        vs = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "-"
-        lines.append(head + f"{r['median_s'] * 1e3:>10.3f} {r['gbps']:>7.1f} "
-                            f"{r['floor_ratio']:>8.2f} {vs:>9}")
+        vs, vs90 = (f"{r[k]:.2f}x" if r[k] else "-"
+                    for k in ("speedup_vs_torch", "p90_speedup_vs_torch"))
+        lines.append(head + f"{r['median_s'] * 1e3:>10.3f} {r['p90_s'] * 1e3:>8.3f} "
+                            f"{r['gbps']:>7.1f} {r['floor_ratio']:>8.2f} {vs:>9} {vs90:>12}")
     return "\n".join(lines)
 
 

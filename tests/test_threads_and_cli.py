@@ -72,6 +72,7 @@ def test_cli_bench_smoke(tmp_path):
     assert len(results) == 2 * 3 * 4  # contenders x layouts x operations
     ran = [r for r in results if "skipped" not in r]
     assert all(r["floor_ratio"] > 0 and r["threads"] >= 1 for r in ran)
+    assert all(r["p90_s"] >= r["median_s"] > 0 for r in ran) and "p90 ms" in out
     skipped = [r for r in results if "skipped" in r]  # numpy-naive has no out= path
     assert {(r["contender"], r["op"]) for r in skipped} == {("numpy-naive",
                                                             "forward-training-out")}
