@@ -94,7 +94,51 @@ def test_kernel_names_cover_every_launch():
     assert set(cupy_gpu.STAT_DTYPE) == {"float16", "bfloat16", "float32", "float64"}
     assert cupy_gpu.STAT_DTYPE["bfloat16"] == cupy_gpu.STAT_DTYPE["float16"] == "float32"
     names = [n for d in cupy_gpu.STAT_DTYPE for n in cupy_gpu.kernel_names(d)]
-    assert len(names) == len(set(names)) == 8 * 2 * 4
+    assert len(names) == len(set(names)) == 14 * 2 * 4
     for dtype in cupy_gpu.STAT_DTYPE:
         for name in cupy_gpu.kernel_names(dtype):
             assert re.fullmatch(rf"bn_[a-z_]+_{dtype}_i(32|64)", name), name
+
+
+# the backend's epilogue methods (fastbn._registry.EPILOGUE_KERNELS it serves) and the
+# kernels each launches, in both families
+EPILOGUE_KERNELS = {
+    "normalize_epilogue": ("bn_normalize_epilogue_planes", "bn_normalize_epilogue_rows"),
+    "backward_reduce_relu": ("bn_backward_reduce_relu_planes", "bn_backward_reduce_relu_rows"),
+    "backward_elemt_relu": ("bn_backward_elemt_relu_planes", "bn_backward_elemt_relu_rows"),
+}
+
+
+def test_epilogue_kernels_are_named_for_every_dtype():
+    """Every dtype module holds the epilogue kernels the adapter's epilogue methods launch
+    (the compile tests above then check each module really defines every name)."""
+    from fastbn._registry import EPILOGUE_KERNELS as PROTOCOL
+    served = {k for k in PROTOCOL if getattr(cupy_gpu.backend, k, None) is not None}
+    assert served == set(EPILOGUE_KERNELS)  # the fused ones need fused paths it lacks
+    for kernels in EPILOGUE_KERNELS.values():
+        for kernel in kernels:
+            assert kernel in cupy_gpu.KERNELS
+            for dtype in cupy_gpu.STAT_DTYPE:
+                assert {cupy_gpu.kernel_name(kernel, dtype, i) for i in ("i32", "i64")} <= set(
+                    cupy_gpu.kernel_names(dtype))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", sorted(cupy_gpu.STAT_DTYPE))
+def test_data_loads_take_the_read_only_path_and_vectors(source_path, tmp_path, dtype):
+    """Every global load of data is ld.global.nc (const __restrict__ / __ldg), or .cg for
+    the partials of a split reduction; the vector path loads 16 bytes (float32: v4.f32,
+    float64: v2.f64) or 8 bytes of 16-bit values (v2.u32), and stores likewise."""
+    out = tmp_path / f"bn_cuda_{dtype}.ptx"
+    cmd = [NVCC, "-ptx", "-arch=sm_80", *cupy_gpu.compile_options(dtype), "-o", str(out),
+           str(source_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ptx = out.read_text()
+    loads = re.findall(r"\bld\.global(\.[a-z0-9]+)*", ptx)
+    kinds = set(re.findall(r"\bld\.global\.(\w+)", ptx))
+    assert loads and kinds <= {"nc", "cg"}, f"loads not on the read-only path: {sorted(kinds)}"
+    vector = {"float32": "v4.f32", "float64": "v2.f64", "float16": "v2.u32",
+              "bfloat16": "v2.u32"}[dtype]
+    assert f"ld.global.nc.{vector}" in ptx
+    assert f"st.global.{vector}" in ptx

@@ -87,9 +87,11 @@ def test_backends_lists_cupy_with_its_reason():
             fastbn.register_backend(before, replace=True)
 
 
-def test_index_type_follows_the_byte_extent():
+def test_index_type_follows_the_element_count():
     assert cupy_gpu.index_type(0) == "i32"
-    assert cupy_gpu.index_type(2**31 - 1) == "i32"
+    assert cupy_gpu.index_type(2**30) == "i32"  # 4 GiB of float32: still 32-bit indices
+    assert cupy_gpu.index_type(cupy_gpu.I32_MAX_ELEMENTS - 1) == "i32"
+    assert cupy_gpu.index_type(cupy_gpu.I32_MAX_ELEMENTS) == "i64"
     assert cupy_gpu.index_type(2**31) == "i64"
     assert cupy_gpu.index_type(2**40) == "i64"
 
@@ -112,8 +114,10 @@ DEVICES = [(1, 2048), (108, 2048), (132, 2048), (200, 1536)]
 
 
 def _i32_overshoot_ok(limit, stride, elements):
-    """A loop counter below ``limit`` steps ``UNROLL`` strides past it: must fit an int."""
-    return limit + cupy_gpu.UNROLL * stride < 2**31 or elements * 2 >= 2**31
+    """A loop counter below ``limit`` steps ``UNROLL`` strides (+ UNROLL) past it: must fit
+    an int wherever the 32-bit kernels run."""
+    return (limit + cupy_gpu.UNROLL * (stride + 1) < 2**31
+            or cupy_gpu.index_type(elements) == "i64")
 
 
 @pytest.mark.parametrize("sm, per_sm", DEVICES)
@@ -123,20 +127,19 @@ def test_reduction_plans_respect_cuda_limits(shape, sm, per_sm):
     n = O * C * I
     if I > 1:
         (gx, gy, gz), (bx, by, bz) = cupy_gpu.plan_reduce_planes(O, C, I, sm, per_sm)
-        assert gx == C
-        assert _pow2(bx * by) and 32 <= bx * by <= cupy_gpu.THREADS  # whole warps
-        assert bx < 2 * I
-        assert gy * by < 2 * O + by and gz * bx < 2 * I + bx  # every slice has work
-        assert _i32_overshoot_ok(O, gy * by, n) and _i32_overshoot_ok(I, gz * bx, n)
+        assert gx == C and by == 1 and gz == 1
+        assert bx % 32 == 0 and 32 <= bx <= cupy_gpu.THREADS  # whole warps
+        assert (gy - 1) * bx < O * I  # every slice has work
+        assert _i32_overshoot_ok(O, gy * bx, n)
     else:
         (gx, gy, gz), (bx, by, bz) = cupy_gpu.plan_reduce_rows(O, C, sm, per_sm)
         assert gx * bx >= C > (gx - 1) * bx
-        assert _pow2(bx) and _pow2(by) and bx * by <= cupy_gpu.THREADS
+        assert bx <= 32 and _pow2(by) and bx * by <= cupy_gpu.THREADS
         assert gy <= max(1, O)
         assert _i32_overshoot_ok(O, gy * by, n)
     assert bz == 1 and gx <= cupy_gpu.MAX_GRID_X
     assert 1 <= gy <= cupy_gpu.MAX_GRID_YZ and 1 <= gz <= cupy_gpu.MAX_GRID_YZ
-    assert gy * by <= cupy_gpu.MAX_STRIDE and gz * bx <= cupy_gpu.MAX_STRIDE
+    assert gy * by <= cupy_gpu.MAX_STRIDE and gy * bx <= cupy_gpu.MAX_STRIDE
 
 
 @pytest.mark.parametrize("sm, per_sm", DEVICES)
@@ -144,18 +147,11 @@ def test_reduction_plans_respect_cuda_limits(shape, sm, per_sm):
 def test_elementwise_plans_respect_cuda_limits(shape, sm, per_sm):
     O, C, I = shape
     n = O * C * I
-    if I > 1:
-        (gx, gy, gz), (bx, by, bz) = cupy_gpu.plan_elementwise_planes(O * C, I, sm, per_sm)
-        assert bx * by == cupy_gpu.ELEMENTWISE_THREADS
-        assert _i32_overshoot_ok(O * C, gx * by, n) and _i32_overshoot_ok(I, gy * bx, n)
-        assert gx * by <= cupy_gpu.MAX_STRIDE
-    else:
-        (gx, gy, gz), (bx, by, bz) = cupy_gpu.plan_elementwise_rows(O, C, sm, per_sm)
-        assert gx * bx >= C > (gx - 1) * bx
-        assert bx * by <= cupy_gpu.ELEMENTWISE_THREADS
-        assert _i32_overshoot_ok(O, gy * by, n)
-    assert gz == 1 and bz == 1 and 1 <= gx <= cupy_gpu.MAX_GRID_X
-    assert 1 <= gy <= cupy_gpu.MAX_GRID_YZ and gy * by <= cupy_gpu.MAX_STRIDE
+    (gx, gy, gz), (bx, by, bz) = cupy_gpu.plan_elementwise(n, sm, per_sm)
+    assert bx % 32 == 0 and bx <= cupy_gpu.ELEMENTWISE_THREADS
+    assert gy == gz == by == bz == 1 and 1 <= gx <= cupy_gpu.MAX_GRID_X
+    assert gx * bx <= cupy_gpu.MAX_STRIDE
+    assert _i32_overshoot_ok(n, gx * bx, n)
 
 
 def test_big_inputs_split_their_reductions():
@@ -282,7 +278,7 @@ def _all_kernels_against_reference(cp, rng, shape, dtype):
                          ids=str)
 def test_64bit_index_kernels_match_reference(cp, rng, monkeypatch, shape, dtype):
     """The i64 instantiations, on small arrays (the rule would pick i32 for them)."""
-    monkeypatch.setattr(cupy_gpu, "index_type", lambda nbytes: "i64")
+    monkeypatch.setattr(cupy_gpu, "index_type", lambda size: "i64")
     _all_kernels_against_reference(cp, rng, shape, dtype)
 
 
@@ -374,11 +370,11 @@ def test_selected_automatically_for_cupy_arrays(cp, rng):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [(2**15, 2, 2**14), (2**29, 2, 1)], ids=["planes", "rows"])
-def test_past_2_31_bytes_uses_64bit_indices(cp, shape):
-    """float16 arrays of 2 GiB: the i64 kernels, checked against CuPy on the device."""
+@pytest.mark.parametrize("shape", [(2**15, 2, 2**15), (2**30, 2, 1)], ids=["planes", "rows"])
+def test_past_the_32bit_index_range_uses_64bit_indices(cp, shape):
+    """float16 arrays of 2^31 elements (4 GiB): the i64 kernels, checked against CuPy."""
     x = cp.random.default_rng(0).standard_normal(shape, dtype=cp.float32).astype(cp.float16)
-    assert cupy_gpu.index_type(x.nbytes) == "i64"
+    assert cupy_gpu.index_type(x.size) == "i64"
     mean, m2 = backend.stats(x)
     n = shape[0] * shape[2]
     for c in range(shape[1]):
@@ -396,3 +392,254 @@ def test_past_2_31_bytes_uses_64bit_indices(cp, shape):
     want = ((x[tail].astype(cp.float32) - mean[None, :, None]) * scale[None, :, None]
             + shift[None, :, None])
     assert_close(y[tail], want, "float16")
+
+
+# --- the adapter's launches, recorded without a GPU ------------------------------------------
+#
+# A stand-in for CuPy records each launch (kernel name, grid, block, arguments), so that
+# every adapter method, the epilogue ones included, runs here: each launch must pass
+# exactly the parameters its entry point in bn_cuda.cu declares, null pointers where
+# z/dz are None, the relu flag, and the vector flag the alignment rule allows.
+
+def _entry_parameters():
+    """kernel (without dtype and index) -> its parameter names, from bn_cuda.cu's macro."""
+    text = cupy_gpu.kernel_source().replace("\\\n", "\n")
+    found = {}
+    for name, params in re.findall(r"bn_(\w+?)_##DTYPE##_##INDEX\(([^)]*)\)", text):
+        found["bn_" + name] = [re.findall(r"\w+", p)[-1] for p in params.split(",")]
+    return found
+
+
+class _FakeData:
+    def __init__(self, ptr, device_id=0):
+        self.ptr, self.device_id = ptr, device_id
+
+
+class _FakeArray:
+    """What the adapter reads of a CuPy array: shape, dtype, size, data.ptr/device_id."""
+    _next = [1 << 20]
+
+    def __init__(self, shape, dtype, offset=0):
+        self.shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+        self.dtype = _np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+        self.data = _FakeData(self._next[0] + offset)
+        self._next[0] += 1 << 20
+
+    def __getitem__(self, j):
+        return _FakeArray(self.shape[1:], self.dtype)
+
+
+class _FakeCupy:
+    class cuda:  # noqa: N801 - mirrors cupy.cuda
+        class Device:
+            def __init__(self, device_id):
+                self.id = device_id
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+    @staticmethod
+    def ascontiguousarray(a, dtype):
+        return _FakeArray(a.shape, dtype)
+
+    @staticmethod
+    def empty(shape, dtype):
+        return _FakeArray(shape, dtype)
+
+    zeros = empty
+
+    @staticmethod
+    def full(shape, value, dtype):
+        return _FakeArray(shape, dtype)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The adapter wired to the stand-in; yields the list of recorded launches."""
+    recorded = []
+
+    def function(cupy, device_id, dtype, kernel, index):
+        def launch(grid, block, args):
+            recorded.append((kernel, dtype, index, grid, block, args))
+        return launch
+
+    monkeypatch.setattr(cupy_gpu, "_cupy", lambda: _FakeCupy)
+    monkeypatch.setattr(cupy_gpu, "_device_facts", lambda cupy, device_id: (132, 2048))
+    monkeypatch.setattr(cupy_gpu, "_function", function)
+    return recorded
+
+
+# (O, C, I): NC, NCL, NCHW (I a multiple of the vector width and not), NHWC as rows
+LAYOUTS = {"NC": (16, 6, 1), "NCL": (4, 3, 10), "NCHW": (2, 3, 49), "NCHW-vec": (2, 3, 64),
+           "NHWC": (4 * 7 * 7, 8, 1)}
+
+
+def _checked(launch, params, **expect):
+    kernel, dtype, index, grid, block, args = launch
+    names = params[kernel]
+    assert len(args) == len(names), f"{kernel}: {len(args)} arguments for {names}"
+    by_name = dict(zip(names, args))
+    for name, want in expect.items():
+        got = by_name[name]
+        if want is None:
+            assert got is None, f"{kernel}: {name} should be a null pointer"
+        elif isinstance(want, (bool, int)) and not isinstance(want, _FakeArray):
+            assert int(got) == int(want), f"{kernel}: {name} = {got}, expected {want}"
+        else:
+            assert got is want, f"{kernel}: {name} is not the array passed"
+    return by_name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_adapter_launches_match_the_kernel_signatures(launches, layout, dtype):
+    params = _entry_parameters()
+    assert set(params) == set(cupy_gpu.KERNELS)  # every kernel the adapter may launch, parsed
+    O, C, I = shape = LAYOUTS[layout]
+    family = "planes" if I > 1 else "rows"
+    x, y, dy, dx = (_FakeArray(shape, dtype) for _ in range(4))
+    vecs = [_FakeArray(C, cupy_gpu.STAT_DTYPE[dtype]) for _ in range(4)]
+    vec = int(cupy_gpu.vector_ok(dtype, C, I, [0]))
+    expected_index = cupy_gpu.index_type(O * C * I)
+    for z in (None, _FakeArray(shape, dtype)):
+        for relu in (False, True):
+            backend.normalize_epilogue(x, vecs[0], vecs[1], vecs[2], z, relu, y)
+            assert launches[-1][0] == f"bn_normalize_epilogue_{family}"
+            _checked(launches[-1], params, x=x, z=z, relu=relu, y=y, vec=vec, n=x.size, C=C)
+    for dz in (None, _FakeArray(shape, dtype)):
+        backend.backward_elemt_relu(dy, y, x, *vecs, dz, dx)
+        assert launches[-1][0] == f"bn_backward_elemt_relu_{family}"
+        _checked(launches[-1], params, dy=dy, y=y, x=x, dz=dz, dx=dx, vec=vec)
+    sums = backend.backward_reduce_relu(dy, y, x, vecs[0])
+    assert launches[-1][0] == f"bn_backward_reduce_relu_{family}"
+    by_name = _checked(launches[-1], params, dy=dy, y=y, x=x, vec=vec, O=O, C=C)
+    assert by_name["sum_dy"] is sums[0] and by_name["sum_dy_xmu"] is sums[1]
+    # the plain kernels: the same entry points' siblings, no epilogue arguments
+    backend.normalize(x, *vecs[:3], y)
+    _checked(launches[-1], params, x=x, y=y, vec=vec)
+    backend.backward_elemt(dy, x, *vecs, dx)
+    _checked(launches[-1], params, dy=dy, x=x, dx=dx, vec=vec)
+    backend.backward_reduce(dy, x, vecs[0])
+    _checked(launches[-1], params, dy=dy, x=x, vec=vec)
+    backend.stats(x)
+    _checked(launches[-1], params, x=x, vec=vec)
+    assert {launch[1] for launch in launches} == {dtype}
+    assert {launch[2] for launch in launches} == {expected_index}
+    for kernel, _, _, grid, block, _ in launches:
+        assert kernel.endswith(family)
+        assert int(np.prod(block)) <= cupy_gpu.THREADS
+
+
+def test_adapter_takes_the_scalar_path_for_misaligned_views(launches):
+    params = _entry_parameters()
+    x = _FakeArray((2, 3, 64), "float32")
+    y = _FakeArray((2, 3, 64), "float32", offset=4)  # a view 1 element in: not 16-byte aligned
+    z = _FakeArray((2, 3, 64), "float32", offset=8)
+    vecs = [_FakeArray(3, "float32") for _ in range(3)]
+    backend.normalize_epilogue(x, *vecs, None, True, _FakeArray((2, 3, 64), "float32"))
+    _checked(launches[-1], params, vec=1)
+    backend.normalize_epilogue(x, *vecs, z, True, _FakeArray((2, 3, 64), "float32"))
+    _checked(launches[-1], params, vec=0)
+    backend.normalize(x, *vecs, y)
+    _checked(launches[-1], params, vec=0)
+
+
+def test_epilogue_methods_skip_empty_arrays(launches):
+    x = _FakeArray((0, 3, 5), "float32")
+    vecs = [_FakeArray(3, "float32") for _ in range(4)]
+    assert backend.normalize_epilogue(x, *vecs[:3], None, True, x) is None
+    assert backend.backward_elemt_relu(x, x, x, *vecs, None, x) is None
+    backend.backward_reduce_relu(x, x, x, vecs[0])
+    assert launches == []
+
+
+# --- the epilogue kernels on a GPU, against the reference -----------------------------------
+
+EPILOGUE_SHAPES = {"NC": (32, 6, 1), "NCL": (8, 3, 33), "NCHW": (4, 5, 7, 7),
+                   "NCHW-vec": (4, 5, 8, 8), "NHWC": (4, 7, 7, 8)}
+
+
+def _canonical(layout, a):
+    """The (O, C, I) view the core hands a backend for this layout."""
+    if layout == "NHWC":  # channels last: rows of C
+        return a.reshape(-1, a.shape[-1], 1)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def _epilogue_inputs(rng, layout, dtype):
+    shape = EPILOGUE_SHAPES[layout]
+    x = _canonical(layout, _input(rng, (shape[0], int(np.prod(shape[1:]))), dtype)
+                   .reshape(shape))
+    c = x.shape[1]
+    stat = cupy_gpu.STAT_DTYPE[dtype]
+    mean, _ = ref.stats(x)
+    vecs = [rng.normal(size=c).astype(stat) for _ in range(3)]
+    z = rng.standard_normal(x.shape).astype(_np_dtype(dtype))
+    dy = rng.standard_normal(x.shape).astype(_np_dtype(dtype))
+    return x, mean, vecs, z, dy
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [False, True], ids=["z=None", "z"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", EPILOGUE_SHAPES)
+def test_normalize_epilogue_matches_reference(cp, rng, layout, dtype, residual, relu):
+    _needs_dtype(cp, dtype)
+    x, mean, (scale, shift, _), z, _ = _epilogue_inputs(rng, layout, dtype)
+    z = z if residual else None
+    want = np.empty_like(x)
+    ref.normalize_epilogue(x, mean, scale, shift, z, relu, want)
+    got = cp.empty(x.shape, x.dtype)
+    assert backend.normalize_epilogue(
+        cp.asarray(x), cp.asarray(mean), cp.asarray(scale), cp.asarray(shift),
+        None if z is None else cp.asarray(z), relu, got) is None
+    assert_close(got, want, dtype)
+    if relu:
+        assert (to_numpy(got).astype(np.float64) >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", EPILOGUE_SHAPES)
+def test_relu_backward_kernels_match_reference(cp, rng, layout, dtype):
+    _needs_dtype(cp, dtype)
+    x, mean, vecs, z, dy = _epilogue_inputs(rng, layout, dtype)
+    stat = cupy_gpu.STAT_DTYPE[dtype]
+    y = np.empty_like(x)  # a saved relu output: about half of it zero
+    ref.normalize_epilogue(x, mean, vecs[0], vecs[1], z, True, y)
+    sums_ref = ref.backward_reduce_relu(dy, y, x, mean)
+    sums = backend.backward_reduce_relu(cp.asarray(dy), cp.asarray(y), cp.asarray(x),
+                                        cp.asarray(mean))
+    assert sums[0].dtype == stat and sums[1].dtype == stat
+    assert_close(sums[0], sums_ref[0], stat, err_msg="sum(g)")
+    assert_close(sums[1], sums_ref[1], stat, err_msg="sum(g * (x - mean))")
+    k = [rng.normal(size=x.shape[1]).astype(stat) for _ in range(3)]
+    for with_dz in (False, True):
+        dx_ref, dz_ref = np.empty_like(x), (np.empty_like(x) if with_dz else None)
+        ref.backward_elemt_relu(dy, y, x, mean, *k, dz_ref, dx_ref)
+        dx = cp.empty(x.shape, x.dtype)
+        dz = cp.full(x.shape, np.nan, x.dtype) if with_dz else None
+        backend.backward_elemt_relu(cp.asarray(dy), cp.asarray(y), cp.asarray(x),
+                                    cp.asarray(mean), *(cp.asarray(v) for v in k), dz, dx)
+        assert_close(dx, dx_ref, dtype, err_msg="dx")
+        if with_dz:  # g itself: dy or 0, exact
+            np.testing.assert_array_equal(to_numpy(dz).astype(np.float64),
+                                          dz_ref.astype(np.float64))
+
+
+def test_relu_epilogue_propagates_nan_and_masks_on_the_output(cp):
+    x = np.array([[[np.nan, -1.0, 0.5, 2.0]]], np.float32)  # (1, 1, 4)
+    one, zero = cp.ones(1, cp.float32), cp.zeros(1, cp.float32)
+    y = cp.empty_like(cp.asarray(x))
+    backend.normalize_epilogue(cp.asarray(x), zero, one, zero, None, True, y)
+    got = to_numpy(y)[0, 0]
+    assert np.isnan(got[0]) and got[1] == 0 and got[2] == 0.5 and got[3] == 2.0
+    dy = cp.full(x.shape, 3.0, cp.float32)
+    dz = cp.empty_like(dy)
+    dx = cp.empty_like(dy)
+    backend.backward_elemt_relu(dy, y, cp.asarray(x), zero, one, zero, zero, dz, dx)
+    np.testing.assert_array_equal(to_numpy(dz)[0, 0], [0, 0, 3, 3])  # NaN output: masked
