@@ -564,17 +564,15 @@ EPILOGUE_SHAPES = {"NC": (32, 6, 1), "NCL": (8, 3, 33), "NCHW": (4, 5, 7, 7),
                    "NCHW-vec": (4, 5, 8, 8), "NHWC": (4, 7, 7, 8)}
 
 
-def _canonical(layout, a):
-    """The (O, C, I) view the core hands a backend for this layout."""
-    if layout == "NHWC":  # channels last: rows of C
-        return a.reshape(-1, a.shape[-1], 1)
-    return a.reshape(a.shape[0], a.shape[1], -1)
-
-
 def _epilogue_inputs(rng, layout, dtype):
+    """x as the (O, C, I) view the core hands a backend for this layout (NHWC: rows of C),
+    the mean, three per-channel vectors, a residual z and a gradient dy."""
     shape = EPILOGUE_SHAPES[layout]
-    x = _canonical(layout, _input(rng, (shape[0], int(np.prod(shape[1:]))), dtype)
-                   .reshape(shape))
+    if layout == "NHWC":
+        canonical = (int(np.prod(shape[:-1])), shape[-1], 1)
+    else:
+        canonical = (shape[0], shape[1], int(np.prod(shape[2:])))
+    x = _input(rng, canonical, dtype)
     c = x.shape[1]
     stat = cupy_gpu.STAT_DTYPE[dtype]
     mean, _ = ref.stats(x)
