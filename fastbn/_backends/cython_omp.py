@@ -31,6 +31,11 @@ def _bits(a):
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
 
 
+def _opt_bits(a):
+    """_bits of an optional epilogue array (None stays None)."""
+    return None if a is None else _bits(a)
+
+
 def _bf16(a):
     """The kernels' ``bf16`` flag: True when the data is bfloat16 (not float16)."""
     return a.dtype.name == "bfloat16"
@@ -81,6 +86,32 @@ class CythonBackend(Backend):
     def backward_train(self, dy3, x3, mean, invstd, weight, dx3):
         return _kernels().backward_train(_bits(dy3), _bits(x3), mean, invstd, weight,
                                          _bits(dx3), get_num_threads(), _bf16(x3))
+
+    # Epilogues (see fastbn._registry.Backend): the kernels above with their optional
+    # arrays (z: residual, ys: saved output for the relu mask, dz: residual's gradient)
+    # and relu flag; None passes through (the kernels then read and write nothing more).
+
+    def normalize_epilogue(self, x3, mean, scale, shift, z3, relu, y3):
+        _kernels().normalize(_bits(x3), mean, scale, shift, _bits(y3), get_num_threads(),
+                             _bf16(x3), _opt_bits(z3), bool(relu))
+
+    def forward_train_epilogue(self, x3, weight, bias, eps, z3, relu, y3):
+        return _kernels().forward_train(_bits(x3), weight, bias, float(eps), _bits(y3),
+                                        get_num_threads(), _bf16(x3), _opt_bits(z3),
+                                        bool(relu))
+
+    def backward_reduce_relu(self, dy3, y3, x3, mean):
+        return _kernels().backward_reduce(_bits(dy3), _bits(x3), mean, get_num_threads(),
+                                          _bf16(x3), _bits(y3))
+
+    def backward_elemt_relu(self, dy3, y3, x3, mean, k_dy, k_x, k_c, dz3, dx3):
+        _kernels().backward_elemt(_bits(dy3), _bits(x3), mean, k_dy, k_x, k_c, _bits(dx3),
+                                  get_num_threads(), _bf16(x3), _bits(y3), _opt_bits(dz3))
+
+    def backward_train_relu(self, dy3, y3, x3, mean, invstd, weight, dz3, dx3):
+        return _kernels().backward_train(_bits(dy3), _bits(x3), mean, invstd, weight,
+                                         _bits(dx3), get_num_threads(), _bf16(x3), _bits(y3),
+                                         _opt_bits(dz3))
 
 
 backend = CythonBackend()

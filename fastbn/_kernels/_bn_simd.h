@@ -78,6 +78,16 @@ static inline void fbn_prefetch_l2(const void *p)
 #endif
 }
 
+/* Prefetch [p, p + nbytes) into L2, line by line: a plane of a per-channel walk,
+ * which the hardware prefetchers do not see coming. */
+static inline void fbn_prefetch_bytes(const void *p, size_t nbytes)
+{
+    const char *c = (const char *)p;
+    size_t q;
+    for (q = 0; q < nbytes; q += 64)
+        fbn_prefetch_l2(c + q);
+}
+
 static inline void fbn_sfence(void)
 {
 #if FBN_X86
@@ -823,10 +833,11 @@ static inline void fbn_shifted_sums_u16(int bf16, const uint16_t *x, Py_ssize_t 
 }
 
 static inline void fbn_dot_xmu_u16(int bf16, const uint16_t *dy, const uint16_t *x, Py_ssize_t n,
-                                   float m, double *sdy, double *sdyxmu, Py_ssize_t pf)
+                                   float m, double *sdy, double *sdyxmu, Py_ssize_t pf,
+                                   const uint16_t *ys)
 {
-    (void)bf16; (void)dy; (void)x; (void)n; (void)m; (void)sdy; (void)sdyxmu; (void)pf;
-    FBN_U16(fbn_dot_xmu, (dy, x, n, m, sdy, sdyxmu, pf));
+    (void)bf16; (void)dy; (void)x; (void)n; (void)m; (void)sdy; (void)sdyxmu; (void)pf; (void)ys;
+    FBN_U16(fbn_dot_xmu, (dy, x, n, m, sdy, sdyxmu, pf, ys));
 }
 
 static inline void fbn_rows_stats_wide_u16(int bf16, const uint16_t *x, Py_ssize_t ld,
@@ -842,68 +853,75 @@ static inline void fbn_rows_stats_wide_u16(int bf16, const uint16_t *x, Py_ssize
 static inline void fbn_rows_dot_wide_u16(int bf16, const uint16_t *dy, const uint16_t *x,
                                          Py_ssize_t ld, Py_ssize_t R, Py_ssize_t w,
                                          const float *m, double *sdy, double *sdyxmu,
-                                         Py_ssize_t pfd, const uint16_t *pf_end)
+                                         Py_ssize_t pfd, const uint16_t *pf_end,
+                                         const uint16_t *ys)
 {
     (void)bf16; (void)dy; (void)x; (void)ld; (void)R; (void)w; (void)m; (void)sdy;
-    (void)sdyxmu; (void)pfd; (void)pf_end;
-    FBN_U16(fbn_rows_dot_wide, (dy, x, ld, R, w, m, sdy, sdyxmu, pfd, pf_end));
+    (void)sdyxmu; (void)pfd; (void)pf_end; (void)ys;
+    FBN_U16(fbn_rows_dot_wide, (dy, x, ld, R, w, m, sdy, sdyxmu, pfd, pf_end, ys));
 }
 
+/* The epilogue arguments (z, relu; ys, dz) are NULL / 0 when absent. */
 static inline int fbn_affine_u16(int bf16, const uint16_t *x, uint16_t *y, Py_ssize_t n,
-                                 float m, float s, float b, int stream)
+                                 float m, float s, float b, const uint16_t *z, int relu,
+                                 int stream)
 {
 #if FBN_AVX2_DISPATCH
     if (fbn_u16_regs(bf16)) {
-        FBN_U16(fbn_affine_u16, (x, y, n, m, s, b, stream));
+        FBN_U16(fbn_affine_u16, (x, y, n, m, s, b, z, relu, stream));
         return 1;
     }
 #endif
-    (void)bf16; (void)x; (void)y; (void)n; (void)m; (void)s; (void)b; (void)stream;
+    (void)bf16; (void)x; (void)y; (void)n; (void)m; (void)s; (void)b; (void)z; (void)relu;
+    (void)stream;
     return 0;
 }
 
 static inline int fbn_elemt_u16(int bf16, const uint16_t *dy, const uint16_t *x, uint16_t *dx,
-                                Py_ssize_t n, float m, float kdy, float kx, float kc, int stream)
+                                Py_ssize_t n, float m, float kdy, float kx, float kc,
+                                const uint16_t *ys, uint16_t *dz, int stream)
 {
 #if FBN_AVX2_DISPATCH
     if (fbn_u16_regs(bf16)) {
-        FBN_U16(fbn_elemt_u16, (dy, x, dx, n, m, kdy, kx, kc, stream));
+        FBN_U16(fbn_elemt_u16, (dy, x, dx, n, m, kdy, kx, kc, ys, dz, stream));
         return 1;
     }
 #endif
     (void)bf16; (void)dy; (void)x; (void)dx; (void)n; (void)m; (void)kdy; (void)kx; (void)kc;
-    (void)stream;
+    (void)ys; (void)dz; (void)stream;
     return 0;
 }
 
 static inline int fbn_rows_affine_u16(int bf16, const uint16_t *x, uint16_t *y, Py_ssize_t n,
                                       Py_ssize_t c0, Py_ssize_t P, const float *m,
-                                      const float *s, const float *b, int stream)
+                                      const float *s, const float *b, const uint16_t *z,
+                                      int relu, int stream)
 {
 #if FBN_AVX2_DISPATCH
     if (fbn_u16_regs(bf16)) {
-        FBN_U16(fbn_rows_affine_u16, (x, y, n, c0, P, m, s, b, stream));
+        FBN_U16(fbn_rows_affine_u16, (x, y, n, c0, P, m, s, b, z, relu, stream));
         return 1;
     }
 #endif
     (void)bf16; (void)x; (void)y; (void)n; (void)c0; (void)P; (void)m; (void)s; (void)b;
-    (void)stream;
+    (void)z; (void)relu; (void)stream;
     return 0;
 }
 
 static inline int fbn_rows_elemt_u16(int bf16, const uint16_t *dy, const uint16_t *x,
                                      uint16_t *dx, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
                                      const float *m, const float *kdy, const float *kx,
-                                     const float *kc, int stream)
+                                     const float *kc, const uint16_t *ys, uint16_t *dz,
+                                     int stream)
 {
 #if FBN_AVX2_DISPATCH
     if (fbn_u16_regs(bf16)) {
-        FBN_U16(fbn_rows_elemt_u16, (dy, x, dx, n, c0, P, m, kdy, kx, kc, stream));
+        FBN_U16(fbn_rows_elemt_u16, (dy, x, dx, n, c0, P, m, kdy, kx, kc, ys, dz, stream));
         return 1;
     }
 #endif
     (void)bf16; (void)dy; (void)x; (void)dx; (void)n; (void)c0; (void)P; (void)m; (void)kdy;
-    (void)kx; (void)kc; (void)stream;
+    (void)kx; (void)kc; (void)ys; (void)dz; (void)stream;
     return 0;
 }
 

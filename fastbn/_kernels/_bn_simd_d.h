@@ -18,35 +18,39 @@ static inline void FBN_D(fbn_shifted_sums)(const FBN_T *x, Py_ssize_t n, FBN_T k
     FBN_CALL(fbn_shifted_sums, (x, n, k, s1, s2, pf));
 }
 
+/* The epilogue arguments (z, relu; ys, dz) are NULL / 0 when absent: see
+ * "epilogues" in _bn_simd_t.h. */
 static inline void FBN_D(fbn_dot_xmu)(const FBN_T *dy, const FBN_T *x, Py_ssize_t n, FBN_T m,
-                                      double *sdy, double *sdyxmu, Py_ssize_t pf)
+                                      double *sdy, double *sdyxmu, Py_ssize_t pf,
+                                      const FBN_T *ys)
 {
-    FBN_CALL(fbn_dot_xmu, (dy, x, n, m, sdy, sdyxmu, pf));
+    FBN_CALL(fbn_dot_xmu, (dy, x, n, m, sdy, sdyxmu, pf, ys));
 }
 
 static inline void FBN_D(fbn_affine)(const FBN_T *x, FBN_T *y, Py_ssize_t n, FBN_T m, FBN_T s,
-                                     FBN_T b)
+                                     FBN_T b, const FBN_T *z, int relu)
 {
-    FBN_CALL(fbn_affine, (x, y, n, m, s, b));
+    FBN_CALL(fbn_affine, (x, y, n, m, s, b, z, relu));
 }
 
 static inline void FBN_D(fbn_affine_out)(const FBN_T *x, FBN_T *y, Py_ssize_t n, FBN_T m,
-                                         FBN_T s, FBN_T b, int stream)
+                                         FBN_T s, FBN_T b, const FBN_T *z, int relu, int stream)
 {
-    FBN_CALL(fbn_affine_out, (x, y, n, m, s, b, stream));
+    FBN_CALL(fbn_affine_out, (x, y, n, m, s, b, z, relu, stream));
 }
 
 static inline void FBN_D(fbn_elemt)(const FBN_T *dy, const FBN_T *x, FBN_T *dx, Py_ssize_t n,
-                                    FBN_T m, FBN_T kdy, FBN_T kx, FBN_T kc)
+                                    FBN_T m, FBN_T kdy, FBN_T kx, FBN_T kc, const FBN_T *ys,
+                                    FBN_T *dz)
 {
-    FBN_CALL(fbn_elemt, (dy, x, dx, n, m, kdy, kx, kc));
+    FBN_CALL(fbn_elemt, (dy, x, dx, n, m, kdy, kx, kc, ys, dz));
 }
 
 static inline void FBN_D(fbn_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T *dx,
                                         Py_ssize_t n, FBN_T m, FBN_T kdy, FBN_T kx, FBN_T kc,
-                                        int stream)
+                                        const FBN_T *ys, FBN_T *dz, int stream)
 {
-    FBN_CALL(fbn_elemt_out, (dy, x, dx, n, m, kdy, kx, kc, stream));
+    FBN_CALL(fbn_elemt_out, (dy, x, dx, n, m, kdy, kx, kc, ys, dz, stream));
 }
 
 static inline void FBN_D(fbn_rows_stats_wide)(const FBN_T *x, Py_ssize_t ld, Py_ssize_t R,
@@ -60,39 +64,42 @@ static inline void FBN_D(fbn_rows_stats_wide)(const FBN_T *x, Py_ssize_t ld, Py_
 static inline void FBN_D(fbn_rows_dot_wide)(const FBN_T *dy, const FBN_T *x, Py_ssize_t ld,
                                             Py_ssize_t R, Py_ssize_t w, const FBN_T *m,
                                             double *sdy, double *sdyxmu, Py_ssize_t pfd,
-                                            const FBN_T *pf_end)
+                                            const FBN_T *pf_end, const FBN_T *ys)
 {
-    FBN_CALL(fbn_rows_dot_wide, (dy, x, ld, R, w, m, sdy, sdyxmu, pfd, pf_end));
+    FBN_CALL(fbn_rows_dot_wide, (dy, x, ld, R, w, m, sdy, sdyxmu, pfd, pf_end, ys));
 }
 
 static inline void FBN_D(fbn_rows_affine)(const FBN_T *x, FBN_T *y, Py_ssize_t n,
                                           Py_ssize_t c0, Py_ssize_t P, const FBN_T *m,
-                                          const FBN_T *s, const FBN_T *b)
+                                          const FBN_T *s, const FBN_T *b, const FBN_T *z,
+                                          int relu)
 {
-    FBN_CALL(fbn_rows_affine, (x, y, n, c0, P, m, s, b));
+    FBN_CALL(fbn_rows_affine, (x, y, n, c0, P, m, s, b, z, relu));
 }
 
 static inline void FBN_D(fbn_rows_affine_out)(const FBN_T *x, FBN_T *y, Py_ssize_t n,
                                               Py_ssize_t c0, Py_ssize_t P, const FBN_T *m,
-                                              const FBN_T *s, const FBN_T *b, int stream)
+                                              const FBN_T *s, const FBN_T *b, const FBN_T *z,
+                                              int relu, int stream)
 {
-    FBN_CALL(fbn_rows_affine_out, (x, y, n, c0, P, m, s, b, stream));
+    FBN_CALL(fbn_rows_affine_out, (x, y, n, c0, P, m, s, b, z, relu, stream));
 }
 
 static inline void FBN_D(fbn_rows_elemt)(const FBN_T *dy, const FBN_T *x, FBN_T *dx,
                                          Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
                                          const FBN_T *m, const FBN_T *kdy, const FBN_T *kx,
-                                         const FBN_T *kc)
+                                         const FBN_T *kc, const FBN_T *ys, FBN_T *dz)
 {
-    FBN_CALL(fbn_rows_elemt, (dy, x, dx, n, c0, P, m, kdy, kx, kc));
+    FBN_CALL(fbn_rows_elemt, (dy, x, dx, n, c0, P, m, kdy, kx, kc, ys, dz));
 }
 
 static inline void FBN_D(fbn_rows_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T *dx,
                                              Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
                                              const FBN_T *m, const FBN_T *kdy,
-                                             const FBN_T *kx, const FBN_T *kc, int stream)
+                                             const FBN_T *kx, const FBN_T *kc, const FBN_T *ys,
+                                             FBN_T *dz, int stream)
 {
-    FBN_CALL(fbn_rows_elemt_out, (dy, x, dx, n, c0, P, m, kdy, kx, kc, stream));
+    FBN_CALL(fbn_rows_elemt_out, (dy, x, dx, n, c0, P, m, kdy, kx, kc, ys, dz, stream));
 }
 
 #undef FBN_CALL

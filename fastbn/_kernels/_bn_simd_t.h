@@ -53,6 +53,56 @@ FBN_FN double FBN_NAME(fbn_hsum)(FBN_VT v)
 /* Bytes of input per reduction step of FBN_NV vectors (prefetch span). */
 #define FBN_STEP_BYTES ((int)(FBN_NV * FBN_W * sizeof(FBN_IN_T)))
 
+/* ---------------- epilogues (activation, residual, gradient mask) ----------------
+ *
+ * Forward: v (+ z[i]) then relu(v) = 0 where v < 0, else v (NaN stays NaN, -0
+ * stays -0: as maxps(0, v)), in FBN_T before the one rounding to the data type;
+ * z NULL: no residual, no read. Backward: g = dy where the saved output ys > 0,
+ * else 0; ys NULL: g = dy, no read. The flags and pointers are loop-invariant:
+ * the compiler unswitches the loops, so the plain kernels run the plain loops. */
+FBN_FN FBN_T FBN_NAME(fbn_epi1)(FBN_T v, const FBN_IN_T *z, Py_ssize_t i, int relu)
+{
+    if (z)
+        v += FBN_XI(z[i]);
+    return relu && v < 0 ? 0 : v;
+}
+
+FBN_FN FBN_T FBN_NAME(fbn_gate1)(FBN_T g, const FBN_IN_T *ys, Py_ssize_t i)
+{
+    return ys && !(FBN_XI(ys[i]) > 0) ? 0 : g;
+}
+
+#if FBN_VEXT
+/* lanes of a vector comparison's result: all ones (true) or 0 */
+typedef __typeof__((FBN_VT){0} < (FBN_VT){0}) FBN_NAME(fbn_vm);
+#define FBN_VM FBN_NAME(fbn_vm)
+
+FBN_FN FBN_VT FBN_NAME(fbn_relu)(FBN_VT v)
+{
+    FBN_VT zero = {0};
+    return (FBN_VT)((FBN_VM)v & ~(v < zero));
+}
+
+/* g where yv > 0, else +0 (NaN in yv: 0) */
+FBN_FN FBN_VT FBN_NAME(fbn_keep)(FBN_VT g, FBN_VT yv)
+{
+    FBN_VT zero = {0};
+    return (FBN_VT)((FBN_VM)g & (yv > zero));
+}
+
+FBN_FN FBN_VT FBN_NAME(fbn_epi)(FBN_VT v, const FBN_IN_T *z, Py_ssize_t i, int relu)
+{
+    if (z)
+        v += FBN_LDI(z + i);
+    return relu ? FBN_NAME(fbn_relu)(v) : v;
+}
+
+FBN_FN FBN_VT FBN_NAME(fbn_gate)(FBN_VT g, const FBN_IN_T *ys, Py_ssize_t i)
+{
+    return ys ? FBN_NAME(fbn_keep)(g, FBN_LDI(ys + i)) : g;
+}
+#endif
+
 /* Sum of n values (independent vector partial sums, then double); pf as in
  * fbn_shifted_sums. */
 FBN_FN double FBN_NAME(fbn_sum)(const FBN_IN_T *x, Py_ssize_t n, const FBN_IN_T *pf)
@@ -131,7 +181,8 @@ FBN_FN void FBN_NAME(fbn_shifted_sums)(const FBN_IN_T *x, Py_ssize_t n, FBN_T k,
 /* Backward sums of one tile: sum(dy) and sum(dy * (x - m)); when pf != 0,
  * dy + pf and x + pf are prefetched alongside (see fbn_shifted_sums). */
 FBN_FN void FBN_NAME(fbn_dot_xmu)(const FBN_IN_T *dy, const FBN_IN_T *x, Py_ssize_t n,
-                                         FBN_T m, double *sdy, double *sdyxmu, Py_ssize_t pf)
+                                         FBN_T m, double *sdy, double *sdyxmu, Py_ssize_t pf,
+                                         const FBN_IN_T *ys)
 {
     double t1 = 0.0, t2 = 0.0;
     Py_ssize_t i = 0;
@@ -147,12 +198,14 @@ FBN_FN void FBN_NAME(fbn_dot_xmu)(const FBN_IN_T *dy, const FBN_IN_T *x, Py_ssiz
             for (q = 0; q < FBN_STEP_BYTES; q += 64) {
                 fbn_prefetch((const char *)(dy + i + pf) + q);
                 fbn_prefetch((const char *)(x + i + pf) + q);
+                if (ys)
+                    fbn_prefetch((const char *)(ys + i + pf) + q);
             }
         }
-        g0 = FBN_LDI(dy + i);
-        g1 = FBN_LDI(dy + i + FBN_W);
-        g2 = FBN_LDI(dy + i + 2 * FBN_W);
-        g3 = FBN_LDI(dy + i + 3 * FBN_W);
+        g0 = FBN_NAME(fbn_gate)(FBN_LDI(dy + i), ys, i);
+        g1 = FBN_NAME(fbn_gate)(FBN_LDI(dy + i + FBN_W), ys, i + FBN_W);
+        g2 = FBN_NAME(fbn_gate)(FBN_LDI(dy + i + 2 * FBN_W), ys, i + 2 * FBN_W);
+        g3 = FBN_NAME(fbn_gate)(FBN_LDI(dy + i + 3 * FBN_W), ys, i + 3 * FBN_W);
         p0 += g0;
         p1 += g1;
         p2 += g2;
@@ -166,7 +219,7 @@ FBN_FN void FBN_NAME(fbn_dot_xmu)(const FBN_IN_T *dy, const FBN_IN_T *x, Py_ssiz
     t2 = FBN_NAME(fbn_hsum)((q0 + q1) + (q2 + q3));
 #endif
     for (; i < n; i++) {
-        FBN_T g = FBN_XI(dy[i]);
+        FBN_T g = FBN_NAME(fbn_gate1)(FBN_XI(dy[i]), ys, i);
         t1 += g;
         t2 += (double)g * (FBN_XI(x[i]) - m);
     }
@@ -192,18 +245,20 @@ FBN_FN void FBN_NAME(fbn_dot_xmu)(const FBN_IN_T *dy, const FBN_IN_T *x, Py_ssiz
 #endif
 #endif
 
+/* y = epilogue((x - m)*s + b): + z (unless NULL), relu when `relu`. */
 FBN_FN void FBN_NAME(fbn_affine)(const FBN_T *x, FBN_T *y, Py_ssize_t n,
-                                        FBN_T m, FBN_T s, FBN_T b)
+                                        FBN_T m, FBN_T s, FBN_T b, const FBN_IN_T *z, int relu)
 {
     Py_ssize_t i;
     for (i = 0; i < n; i++)
-        y[i] = (x[i] - m) * s + b;
+        y[i] = FBN_NAME(fbn_epi1)((x[i] - m) * s + b, z, i, relu);
 }
 
-/* y = (x - m)*s + b; streaming stores when `stream` (the output is not read
+/* As fbn_affine; streaming stores when `stream` (the output is not read
  * back soon). */
 FBN_FN void FBN_NAME(fbn_affine_out)(const FBN_T *x, FBN_T *y, Py_ssize_t n,
-                                            FBN_T m, FBN_T s, FBN_T b, int stream)
+                                            FBN_T m, FBN_T s, FBN_T b, const FBN_IN_T *z,
+                                            int relu, int stream)
 {
 #if FBN_VEXT
     Py_ssize_t i = 0;
@@ -213,33 +268,40 @@ FBN_FN void FBN_NAME(fbn_affine_out)(const FBN_T *x, FBN_T *y, Py_ssize_t n,
     bv += b;
     if (stream) {
         for (; i < n && ((uintptr_t)(y + i) & (FBN_VBYTES - 1)) != 0; i++)
-            y[i] = (x[i] - m) * s + b;
+            y[i] = FBN_NAME(fbn_epi1)((x[i] - m) * s + b, z, i, relu);
         for (; i + 2 * FBN_W <= n; i += 2 * FBN_W) {
-            FBN_VT v0 = (FBN_LD(x + i) - mv) * sv + bv;
-            FBN_VT v1 = (FBN_LD(x + i + FBN_W) - mv) * sv + bv;
+            FBN_VT v0 = FBN_NAME(fbn_epi)((FBN_LD(x + i) - mv) * sv + bv, z, i, relu);
+            FBN_VT v1 = FBN_NAME(fbn_epi)((FBN_LD(x + i + FBN_W) - mv) * sv + bv, z, i + FBN_W,
+                                          relu);
             FBN_ST_NT(y + i, v0);
             FBN_ST_NT(y + i + FBN_W, v1);
         }
-        for (; i < n; i++)
-            y[i] = (x[i] - m) * s + b;
+        FBN_NAME(fbn_affine)(x + i, y + i, n - i, m, s, b, z ? z + i : z, relu);
         return;
     }
 #endif
     (void)stream;
-    FBN_NAME(fbn_affine)(x, y, n, m, s, b);
+    FBN_NAME(fbn_affine)(x, y, n, m, s, b, z, relu);
 }
 
+/* dx = kdy*g + (kx*(x - m) + kc), g = dy masked by ys (unless NULL); dz = g
+ * unless dz is NULL. */
 FBN_FN void FBN_NAME(fbn_elemt)(const FBN_T *dy, const FBN_T *x, FBN_T *dx,
-                                       Py_ssize_t n, FBN_T m, FBN_T kdy, FBN_T kx, FBN_T kc)
+                                       Py_ssize_t n, FBN_T m, FBN_T kdy, FBN_T kx, FBN_T kc,
+                                       const FBN_IN_T *ys, FBN_T *dz)
 {
     Py_ssize_t i;
-    for (i = 0; i < n; i++)
-        dx[i] = kdy * dy[i] + (kx * (x[i] - m) + kc);
+    for (i = 0; i < n; i++) {
+        FBN_T g = FBN_NAME(fbn_gate1)(dy[i], ys, i);
+        dx[i] = kdy * g + (kx * (x[i] - m) + kc);
+        if (dz)
+            dz[i] = g;
+    }
 }
 
 FBN_FN void FBN_NAME(fbn_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T *dx,
                                            Py_ssize_t n, FBN_T m, FBN_T kdy, FBN_T kx,
-                                           FBN_T kc, int stream)
+                                           FBN_T kc, const FBN_IN_T *ys, FBN_T *dz, int stream)
 {
 #if FBN_VEXT
     Py_ssize_t i = 0;
@@ -249,21 +311,29 @@ FBN_FN void FBN_NAME(fbn_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T *dx,
     bv += kx;
     cv += kc;
     if (stream) {
-        for (; i < n && ((uintptr_t)(dx + i) & (FBN_VBYTES - 1)) != 0; i++)
-            dx[i] = kdy * dy[i] + (kx * (x[i] - m) + kc);
-        for (; i + 2 * FBN_W <= n; i += 2 * FBN_W) {
-            FBN_VT v0 = av * FBN_LD(dy + i) + (bv * (FBN_LD(x + i) - mv) + cv);
-            FBN_VT v1 = av * FBN_LD(dy + i + FBN_W) + (bv * (FBN_LD(x + i + FBN_W) - mv) + cv);
+        Py_ssize_t h = 0;
+        while (h < n && ((uintptr_t)(dx + h) & (FBN_VBYTES - 1)) != 0)
+            h++;
+        FBN_NAME(fbn_elemt)(dy, x, dx, h, m, kdy, kx, kc, ys, dz);
+        for (i = h; i + 2 * FBN_W <= n; i += 2 * FBN_W) {
+            FBN_VT g0 = FBN_NAME(fbn_gate)(FBN_LD(dy + i), ys, i);
+            FBN_VT g1 = FBN_NAME(fbn_gate)(FBN_LD(dy + i + FBN_W), ys, i + FBN_W);
+            FBN_VT v0 = av * g0 + (bv * (FBN_LD(x + i) - mv) + cv);
+            FBN_VT v1 = av * g1 + (bv * (FBN_LD(x + i + FBN_W) - mv) + cv);
             FBN_ST_NT(dx + i, v0);
             FBN_ST_NT(dx + i + FBN_W, v1);
+            if (dz) {   /* ordinary stores: dz need not share dx's alignment */
+                FBN_ST(dz + i, g0);
+                FBN_ST(dz + i + FBN_W, g1);
+            }
         }
-        for (; i < n; i++)
-            dx[i] = kdy * dy[i] + (kx * (x[i] - m) + kc);
+        FBN_NAME(fbn_elemt)(dy + i, x + i, dx + i, n - i, m, kdy, kx, kc, ys ? ys + i : ys,
+                            dz ? dz + i : dz);
         return;
     }
 #endif
     (void)stream;
-    FBN_NAME(fbn_elemt)(dy, x, dx, n, m, kdy, kx, kc);
+    FBN_NAME(fbn_elemt)(dy, x, dx, n, m, kdy, kx, kc, ys, dz);
 }
 
 /* ---------------- rows: (R, ld) row-major, a block of w <= FBN_RL channels ---------------- */
@@ -331,11 +401,13 @@ FBN_FN void FBN_NAME(fbn_rows_stats_wide)(const FBN_IN_T *x, Py_ssize_t ld, Py_s
 }
 
 /* Rows backward sums, wide form (see fbn_rows_stats_wide):
- * sdy += sum(dy), sdyxmu += sum(dy*(x - m)) over R rows x w channels. */
+ * sdy += sum(g), sdyxmu += sum(g*(x - m)) over R rows x w channels, g = dy
+ * masked by ys (same layout as dy) unless ys is NULL. */
 FBN_FN void FBN_NAME(fbn_rows_dot_wide)(const FBN_IN_T *dy, const FBN_IN_T *x, Py_ssize_t ld,
                                         Py_ssize_t R, Py_ssize_t w, const FBN_T *m,
                                         double *sdy, double *sdyxmu,
-                                        Py_ssize_t pfd, const FBN_IN_T *pf_end)
+                                        Py_ssize_t pfd, const FBN_IN_T *pf_end,
+                                        const FBN_IN_T *ys)
 {
     /* one array, a2 64 bytes past a 4 KiB multiple from a1: a1[j] and a2[j]
      * 4 KiB apart falsely alias (a load of a2[j] waits on the store to a1[j]) */
@@ -347,7 +419,7 @@ FBN_FN void FBN_NAME(fbn_rows_dot_wide)(const FBN_IN_T *dy, const FBN_IN_T *x, P
         a2[j] = 0;
     }
     for (r = 0; r < R; r++) {
-        const FBN_IN_T *g0 = dy + r * ld, *x0 = x + r * ld;
+        const FBN_IN_T *g0 = dy + r * ld, *x0 = x + r * ld, *y0 = ys ? ys + r * ld : ys;
         j = 0;
 #if FBN_VEXT
         for (; j + FBN_W <= w; j += FBN_W) {
@@ -355,14 +427,16 @@ FBN_FN void FBN_NAME(fbn_rows_dot_wide)(const FBN_IN_T *dy, const FBN_IN_T *x, P
             if (((j * sizeof(FBN_IN_T)) & 63) == 0 && x0 + j + pfd < pf_end) {
                 FBN_PF_ROWS(g0 + j + pfd);
                 FBN_PF_ROWS(x0 + j + pfd);
+                if (y0)
+                    FBN_PF_ROWS(y0 + j + pfd);
             }
-            u0 = FBN_LDI(g0 + j);
+            u0 = FBN_NAME(fbn_gate)(FBN_LDI(g0 + j), y0, j);
             FBN_ST(a1 + j, FBN_LD(a1 + j) + u0);
             FBN_ST(a2 + j, FBN_LD(a2 + j) + u0 * (FBN_LDI(x0 + j) - FBN_LD(m + j)));
         }
 #endif
         for (; j < w; j++) {
-            FBN_T g = FBN_XI(g0[j]);
+            FBN_T g = FBN_NAME(fbn_gate1)(FBN_XI(g0[j]), y0, j);
             a1[j] += g;
             a2[j] += g * (FBN_XI(x0[j]) - m[j]);
         }
@@ -378,101 +452,94 @@ FBN_FN void FBN_NAME(fbn_rows_dot_wide)(const FBN_IN_T *dy, const FBN_IN_T *x, P
  * C and of 4, so every vector of outputs sees the same column phase) and
  * padded with 16 wrapped-around values, so a vector starting at any column
  * c < P reads its constants contiguously. */
-FBN_FN void FBN_NAME(fbn_rows_affine)(const FBN_T *x, FBN_T *y, Py_ssize_t n,
-                                             Py_ssize_t c0, Py_ssize_t P, const FBN_T *m,
-                                             const FBN_T *s, const FBN_T *b)
+/* Forward and backward of the rows family share one walk: a vector of outputs
+ * at column c (the constants' phase) per step; `stream` writes the output with
+ * streaming stores once it is aligned. Affine (kdy NULL): y = epilogue((x -
+ * m)*s + b) (z, relu as fbn_affine). Element-wise backward (kdy set; s, b are
+ * kx, kc): dx = kdy*g + (kx*(x - m) + kc), g = dy masked by ys, dz = g. */
+FBN_FN __attribute__((always_inline)) void FBN_NAME(fbn_rows_walk)(const FBN_T *dy, const FBN_T *x, FBN_T *out, Py_ssize_t n,
+                                    Py_ssize_t c0, Py_ssize_t P, const FBN_T *m,
+                                    const FBN_T *kdy, const FBN_T *s, const FBN_T *b,
+                                    const FBN_IN_T *z, int relu, FBN_T *dz, int stream)
 {
-    Py_ssize_t i = 0, c = c0;
+    Py_ssize_t i = 0, c = c0, head = 0;
 #if FBN_VEXT
-    for (; i + FBN_W <= n; i += FBN_W) {
-        FBN_ST(y + i, (FBN_LD(x + i) - FBN_LD(m + c)) * FBN_LD(s + c) + FBN_LD(b + c));
-        c += FBN_W;
-        if (c >= P)
-            c -= P;
-    }
+    if (stream)
+        while (head < n && ((uintptr_t)(out + head) & (FBN_VBYTES - 1)) != 0)
+            head++;
 #endif
-    for (; i < n; i++) {
-        y[i] = (x[i] - m[c]) * s[c] + b[c];
-        if (++c == P)
-            c = 0;
-    }
-}
-
-FBN_FN void FBN_NAME(fbn_rows_affine_out)(const FBN_T *x, FBN_T *y, Py_ssize_t n,
-                                                 Py_ssize_t c0, Py_ssize_t P, const FBN_T *m,
-                                                 const FBN_T *s, const FBN_T *b, int stream)
-{
-#if FBN_VEXT
-    if (stream) {
-        Py_ssize_t i = 0, c = c0;
-        for (; i < n && ((uintptr_t)(y + i) & (FBN_VBYTES - 1)) != 0; i++) {
-            y[i] = (x[i] - m[c]) * s[c] + b[c];
+    for (;;) {
+        for (; i < head; i++) {
+            if (kdy) {
+                FBN_T g = FBN_NAME(fbn_gate1)(dy[i], z, i);
+                out[i] = kdy[c] * g + (s[c] * (x[i] - m[c]) + b[c]);
+                if (dz)
+                    dz[i] = g;
+            } else {
+                out[i] = FBN_NAME(fbn_epi1)((x[i] - m[c]) * s[c] + b[c], z, i, relu);
+            }
             if (++c == P)
                 c = 0;
         }
+        if (head == n)
+            return;
+#if FBN_VEXT
         for (; i + FBN_W <= n; i += FBN_W) {
-            FBN_ST_NT(y + i, (FBN_LD(x + i) - FBN_LD(m + c)) * FBN_LD(s + c) + FBN_LD(b + c));
+            FBN_VT v, g = {0};
+            if (kdy) {
+                g = FBN_NAME(fbn_gate)(FBN_LD(dy + i), z, i);
+                v = FBN_LD(kdy + c) * g + (FBN_LD(s + c) * (FBN_LD(x + i) - FBN_LD(m + c))
+                                           + FBN_LD(b + c));
+            } else {
+                v = FBN_NAME(fbn_epi)((FBN_LD(x + i) - FBN_LD(m + c)) * FBN_LD(s + c)
+                                      + FBN_LD(b + c), z, i, relu);
+            }
+            if (stream)
+                FBN_ST_NT(out + i, v);
+            else
+                FBN_ST(out + i, v);
+            if (kdy && dz)
+                FBN_ST(dz + i, g);
             c += FBN_W;
             if (c >= P)
                 c -= P;
         }
-        FBN_NAME(fbn_rows_affine)(x + i, y + i, n - i, c, P, m, s, b);
-        return;
-    }
 #endif
-    (void)stream;
-    FBN_NAME(fbn_rows_affine)(x, y, n, c0, P, m, s, b);
+        head = n;   /* the scalar tail */
+    }
+}
+
+FBN_FN void FBN_NAME(fbn_rows_affine)(const FBN_T *x, FBN_T *y, Py_ssize_t n,
+                                             Py_ssize_t c0, Py_ssize_t P, const FBN_T *m,
+                                             const FBN_T *s, const FBN_T *b,
+                                             const FBN_IN_T *z, int relu)
+{
+    FBN_NAME(fbn_rows_walk)(NULL, x, y, n, c0, P, m, NULL, s, b, z, relu, NULL, 0);
+}
+
+FBN_FN void FBN_NAME(fbn_rows_affine_out)(const FBN_T *x, FBN_T *y, Py_ssize_t n,
+                                                 Py_ssize_t c0, Py_ssize_t P, const FBN_T *m,
+                                                 const FBN_T *s, const FBN_T *b,
+                                                 const FBN_IN_T *z, int relu, int stream)
+{
+    FBN_NAME(fbn_rows_walk)(NULL, x, y, n, c0, P, m, NULL, s, b, z, relu, NULL, stream);
 }
 
 FBN_FN void FBN_NAME(fbn_rows_elemt)(const FBN_T *dy, const FBN_T *x, FBN_T *dx,
                                             Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
                                             const FBN_T *m, const FBN_T *kdy, const FBN_T *kx,
-                                            const FBN_T *kc)
+                                            const FBN_T *kc, const FBN_IN_T *ys, FBN_T *dz)
 {
-    Py_ssize_t i = 0, c = c0;
-#if FBN_VEXT
-    for (; i + FBN_W <= n; i += FBN_W) {
-        FBN_ST(dx + i, FBN_LD(kdy + c) * FBN_LD(dy + i)
-                       + (FBN_LD(kx + c) * (FBN_LD(x + i) - FBN_LD(m + c)) + FBN_LD(kc + c)));
-        c += FBN_W;
-        if (c >= P)
-            c -= P;
-    }
-#endif
-    for (; i < n; i++) {
-        dx[i] = kdy[c] * dy[i] + (kx[c] * (x[i] - m[c]) + kc[c]);
-        if (++c == P)
-            c = 0;
-    }
+    FBN_NAME(fbn_rows_walk)(dy, x, dx, n, c0, P, m, kdy, kx, kc, ys, 0, dz, 0);
 }
 
 FBN_FN void FBN_NAME(fbn_rows_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T *dx,
                                                 Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
                                                 const FBN_T *m, const FBN_T *kdy,
-                                                const FBN_T *kx, const FBN_T *kc, int stream)
+                                                const FBN_T *kx, const FBN_T *kc,
+                                                const FBN_IN_T *ys, FBN_T *dz, int stream)
 {
-#if FBN_VEXT
-    if (stream) {
-        Py_ssize_t i = 0, c = c0;
-        for (; i < n && ((uintptr_t)(dx + i) & (FBN_VBYTES - 1)) != 0; i++) {
-            dx[i] = kdy[c] * dy[i] + (kx[c] * (x[i] - m[c]) + kc[c]);
-            if (++c == P)
-                c = 0;
-        }
-        for (; i + FBN_W <= n; i += FBN_W) {
-            FBN_ST_NT(dx + i, FBN_LD(kdy + c) * FBN_LD(dy + i)
-                              + (FBN_LD(kx + c) * (FBN_LD(x + i) - FBN_LD(m + c))
-                                 + FBN_LD(kc + c)));
-            c += FBN_W;
-            if (c >= P)
-                c -= P;
-        }
-        FBN_NAME(fbn_rows_elemt)(dy + i, x + i, dx + i, n - i, c, P, m, kdy, kx, kc);
-        return;
-    }
-#endif
-    (void)stream;
-    FBN_NAME(fbn_rows_elemt)(dy, x, dx, n, c0, P, m, kdy, kx, kc);
+    FBN_NAME(fbn_rows_walk)(dy, x, dx, n, c0, P, m, kdy, kx, kc, ys, 0, dz, stream);
 }
 
 #ifdef FBN_U16_IN
@@ -498,8 +565,34 @@ FBN_FN void FBN_NAME(fbn_rows_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T 
  * FBN_U16_HEAD(dst, n, stream): elements written one by one before the
  * vector stores are aligned. */
 
+/* The epilogue on a pair of result vectors at element i loaded as LD16 loads
+ * (z, relu as fbn_epi); and the gradient mask on a pair (ys as fbn_gate). */
+#define FBN_EPI16(v0, v1, z, i, relu, LD16)                                 \
+    do {                                                                    \
+        if (z) {                                                            \
+            FBN_VT z0_, z1_;                                                \
+            LD16((z) + (i), z0_, z1_);                                      \
+            (v0) += z0_;                                                    \
+            (v1) += z1_;                                                    \
+        }                                                                   \
+        if (relu) {                                                         \
+            (v0) = FBN_NAME(fbn_relu)(v0);                                  \
+            (v1) = FBN_NAME(fbn_relu)(v1);                                  \
+        }                                                                   \
+    } while (0)
+#define FBN_GATE16(g0, g1, ys, i, LD16)                                     \
+    do {                                                                    \
+        if (ys) {                                                           \
+            FBN_VT y0_, y1_;                                                \
+            LD16((ys) + (i), y0_, y1_);                                     \
+            (g0) = FBN_NAME(fbn_keep)(g0, y0_);                             \
+            (g1) = FBN_NAME(fbn_keep)(g1, y1_);                             \
+        }                                                                   \
+    } while (0)
+
+/* y = epilogue((x - m)*s + b) (z, relu as fbn_affine). */
 FBN_FN void FBN_NAME(fbn_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t n, float m,
-                                     float s, float b, int stream)
+                                     float s, float b, const uint16_t *z, int relu, int stream)
 {
     Py_ssize_t i = 0, head = FBN_U16_HEAD(y, n, stream);
     FBN_VT mv = {0}, sv = {0}, bv = {0};
@@ -507,24 +600,29 @@ FBN_FN void FBN_NAME(fbn_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t 
     sv += s;
     bv += b;
     for (; i < head; i++)
-        y[i] = FBN_U16_TO(__builtin_fmaf(FBN_XI(x[i]) - m, s, b));
+        y[i] = FBN_U16_TO(FBN_NAME(fbn_epi1)(__builtin_fmaf(FBN_XI(x[i]) - m, s, b), z, i, relu));
 #ifdef FBN_U16_LD16
     for (; i + 16 <= n; i += 16) {
         FBN_VT a0, a1;
         FBN_U16_LD16(x + i, a0, a1);
-        FBN_U16_ST16(y + i, _mm256_fmadd_ps(a0 - mv, sv, bv), _mm256_fmadd_ps(a1 - mv, sv, bv),
-                     stream);
+        a0 = _mm256_fmadd_ps(a0 - mv, sv, bv);
+        a1 = _mm256_fmadd_ps(a1 - mv, sv, bv);
+        FBN_EPI16(a0, a1, z, i, relu, FBN_U16_LD16);
+        FBN_U16_ST16(y + i, a0, a1, stream);
     }
 #endif
     for (; i + 8 <= n; i += 8)
-        FBN_U16_ST8(y + i, _mm256_fmadd_ps(FBN_LDI(x + i) - mv, sv, bv), stream);
+        FBN_U16_ST8(y + i, FBN_NAME(fbn_epi)(_mm256_fmadd_ps(FBN_LDI(x + i) - mv, sv, bv), z, i,
+                                             relu), stream);
     for (; i < n; i++)
-        y[i] = FBN_U16_TO(__builtin_fmaf(FBN_XI(x[i]) - m, s, b));
+        y[i] = FBN_U16_TO(FBN_NAME(fbn_epi1)(__builtin_fmaf(FBN_XI(x[i]) - m, s, b), z, i, relu));
 }
 
+/* dx = kdy*g + (kx*(x - m) + kc), g = dy masked by ys; dz = g (ordinary
+ * stores) unless dz is NULL. */
 FBN_FN void FBN_NAME(fbn_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
                                     Py_ssize_t n, float m, float kdy, float kx, float kc,
-                                    int stream)
+                                    const uint16_t *ys, uint16_t *dz, int stream)
 {
     Py_ssize_t i = 0, head = FBN_U16_HEAD(dx, n, stream);
     FBN_VT mv = {0}, av = {0}, bv = {0}, cv = {0};
@@ -532,108 +630,140 @@ FBN_FN void FBN_NAME(fbn_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint1
     av += kdy;
     bv += kx;
     cv += kc;
-    for (; i < head; i++)
-        dx[i] = FBN_U16_TO(__builtin_fmaf(kdy, FBN_XI(dy[i]), __builtin_fmaf(kx, FBN_XI(x[i]) - m, kc)));
+    for (;;) {
+        for (; i < head; i++) {
+            float g = FBN_NAME(fbn_gate1)(FBN_XI(dy[i]), ys, i);
+            dx[i] = FBN_U16_TO(__builtin_fmaf(kdy, g, __builtin_fmaf(kx, FBN_XI(x[i]) - m, kc)));
+            if (dz)
+                dz[i] = FBN_U16_TO(g);
+        }
+        if (head == n)
+            return;
 #ifdef FBN_U16_LD16
-    for (; i + 16 <= n; i += 16) {
-        FBN_VT g0, g1, a0, a1;
-        FBN_U16_LD16(dy + i, g0, g1);
-        FBN_U16_LD16(x + i, a0, a1);
-        FBN_U16_ST16(dx + i, _mm256_fmadd_ps(av, g0, _mm256_fmadd_ps(bv, a0 - mv, cv)),
-                     _mm256_fmadd_ps(av, g1, _mm256_fmadd_ps(bv, a1 - mv, cv)), stream);
-    }
+        for (; i + 16 <= n; i += 16) {
+            FBN_VT g0, g1, a0, a1;
+            FBN_U16_LD16(dy + i, g0, g1);
+            FBN_GATE16(g0, g1, ys, i, FBN_U16_LD16);
+            FBN_U16_LD16(x + i, a0, a1);
+            FBN_U16_ST16(dx + i, _mm256_fmadd_ps(av, g0, _mm256_fmadd_ps(bv, a0 - mv, cv)),
+                         _mm256_fmadd_ps(av, g1, _mm256_fmadd_ps(bv, a1 - mv, cv)), stream);
+            if (dz)
+                FBN_U16_ST16(dz + i, g0, g1, 0);
+        }
 #endif
-    for (; i + 8 <= n; i += 8)
-        FBN_U16_ST8(dx + i, _mm256_fmadd_ps(av, FBN_LDI(dy + i), _mm256_fmadd_ps(bv, FBN_LDI(x + i) - mv, cv)), stream);
-    for (; i < n; i++)
-        dx[i] = FBN_U16_TO(__builtin_fmaf(kdy, FBN_XI(dy[i]), __builtin_fmaf(kx, FBN_XI(x[i]) - m, kc)));
+        for (; i + 8 <= n; i += 8) {
+            FBN_VT g = FBN_NAME(fbn_gate)(FBN_LDI(dy + i), ys, i);
+            FBN_U16_ST8(dx + i, _mm256_fmadd_ps(av, g, _mm256_fmadd_ps(bv, FBN_LDI(x + i) - mv, cv)),
+                        stream);
+            if (dz)
+                FBN_U16_ST8(dz + i, g, 0);
+        }
+        head = n;   /* the scalar tail */
+    }
 }
 
 /* Rows forms: constants tiled to period P (see fbn_rows_affine above; their 16
  * wrapped-around values let a 16-value step read m + c .. m + c + 15, c < P). */
 FBN_FN void FBN_NAME(fbn_rows_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t n,
                                           Py_ssize_t c0, Py_ssize_t P, const float *m,
-                                          const float *s, const float *b, int stream)
+                                          const float *s, const float *b, const uint16_t *z,
+                                          int relu, int stream)
 {
     Py_ssize_t i = 0, c = c0, head = FBN_U16_HEAD(y, n, stream);
-    for (; i < head; i++) {
-        y[i] = FBN_U16_TO(__builtin_fmaf(FBN_XI(x[i]) - m[c], s[c], b[c]));
-        if (++c == P)
-            c = 0;
-    }
+    for (;;) {
+        for (; i < head; i++) {
+            y[i] = FBN_U16_TO(FBN_NAME(fbn_epi1)(__builtin_fmaf(FBN_XI(x[i]) - m[c], s[c], b[c]),
+                                                 z, i, relu));
+            if (++c == P)
+                c = 0;
+        }
+        if (head == n)
+            return;
 #ifdef FBN_U16_LD16_ORD
-    for (; i + 16 <= n; i += 16) {
-        FBN_VT a0, a1;
-        FBN_U16_LD16_ORD(x + i, a0, a1);
-        FBN_U16_ST16_ORD(y + i,
-                         _mm256_fmadd_ps(a0 - FBN_LD(m + c), FBN_LD(s + c), FBN_LD(b + c)),
-                         _mm256_fmadd_ps(a1 - FBN_LD(m + c + 8), FBN_LD(s + c + 8),
-                                         FBN_LD(b + c + 8)),
-                         stream);
-        c += 16;
-        if (c >= P)
-            c -= P;
-    }
+        for (; i + 16 <= n; i += 16) {
+            FBN_VT a0, a1;
+            FBN_U16_LD16_ORD(x + i, a0, a1);
+            a0 = _mm256_fmadd_ps(a0 - FBN_LD(m + c), FBN_LD(s + c), FBN_LD(b + c));
+            a1 = _mm256_fmadd_ps(a1 - FBN_LD(m + c + 8), FBN_LD(s + c + 8), FBN_LD(b + c + 8));
+            FBN_EPI16(a0, a1, z, i, relu, FBN_U16_LD16_ORD);
+            FBN_U16_ST16_ORD(y + i, a0, a1, stream);
+            c += 16;
+            if (c >= P)
+                c -= P;
+        }
 #endif
-    for (; i + 8 <= n; i += 8) {
-        FBN_U16_ST8(y + i, _mm256_fmadd_ps(FBN_LDI(x + i) - FBN_LD(m + c), FBN_LD(s + c), FBN_LD(b + c)), stream);
-        c += 8;
-        if (c >= P)
-            c -= P;
-    }
-    for (; i < n; i++) {
-        y[i] = FBN_U16_TO(__builtin_fmaf(FBN_XI(x[i]) - m[c], s[c], b[c]));
-        if (++c == P)
-            c = 0;
+        for (; i + 8 <= n; i += 8) {
+            FBN_U16_ST8(y + i, FBN_NAME(fbn_epi)(_mm256_fmadd_ps(FBN_LDI(x + i) - FBN_LD(m + c),
+                                                                 FBN_LD(s + c), FBN_LD(b + c)),
+                                                 z, i, relu),
+                        stream);
+            c += 8;
+            if (c >= P)
+                c -= P;
+        }
+        head = n;   /* the scalar tail */
     }
 }
 
 FBN_FN void FBN_NAME(fbn_rows_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
                                          Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
                                          const float *m, const float *kdy, const float *kx,
-                                         const float *kc, int stream)
+                                         const float *kc, const uint16_t *ys, uint16_t *dz,
+                                         int stream)
 {
     Py_ssize_t i = 0, c = c0, head = FBN_U16_HEAD(dx, n, stream);
-    for (; i < head; i++) {
-        dx[i] = FBN_U16_TO(__builtin_fmaf(kdy[c], FBN_XI(dy[i]),
-                                          __builtin_fmaf(kx[c], FBN_XI(x[i]) - m[c], kc[c])));
-        if (++c == P)
-            c = 0;
-    }
+    for (;;) {
+        for (; i < head; i++) {
+            float g = FBN_NAME(fbn_gate1)(FBN_XI(dy[i]), ys, i);
+            dx[i] = FBN_U16_TO(__builtin_fmaf(kdy[c], g,
+                                              __builtin_fmaf(kx[c], FBN_XI(x[i]) - m[c], kc[c])));
+            if (dz)
+                dz[i] = FBN_U16_TO(g);
+            if (++c == P)
+                c = 0;
+        }
+        if (head == n)
+            return;
 #ifdef FBN_U16_LD16_ORD
-    for (; i + 16 <= n; i += 16) {
-        FBN_VT g0, g1, a0, a1;
-        FBN_U16_LD16_ORD(dy + i, g0, g1);
-        FBN_U16_LD16_ORD(x + i, a0, a1);
-        FBN_U16_ST16_ORD(dx + i,
-                         _mm256_fmadd_ps(FBN_LD(kdy + c), g0,
-                                         _mm256_fmadd_ps(FBN_LD(kx + c), a0 - FBN_LD(m + c),
-                                                         FBN_LD(kc + c))),
-                         _mm256_fmadd_ps(FBN_LD(kdy + c + 8), g1,
-                                         _mm256_fmadd_ps(FBN_LD(kx + c + 8), a1 - FBN_LD(m + c + 8),
-                                                         FBN_LD(kc + c + 8))),
-                         stream);
-        c += 16;
-        if (c >= P)
-            c -= P;
-    }
+        for (; i + 16 <= n; i += 16) {
+            FBN_VT g0, g1, a0, a1;
+            FBN_U16_LD16_ORD(dy + i, g0, g1);
+            FBN_GATE16(g0, g1, ys, i, FBN_U16_LD16_ORD);
+            FBN_U16_LD16_ORD(x + i, a0, a1);
+            FBN_U16_ST16_ORD(dx + i,
+                             _mm256_fmadd_ps(FBN_LD(kdy + c), g0,
+                                             _mm256_fmadd_ps(FBN_LD(kx + c), a0 - FBN_LD(m + c),
+                                                             FBN_LD(kc + c))),
+                             _mm256_fmadd_ps(FBN_LD(kdy + c + 8), g1,
+                                             _mm256_fmadd_ps(FBN_LD(kx + c + 8),
+                                                             a1 - FBN_LD(m + c + 8),
+                                                             FBN_LD(kc + c + 8))),
+                             stream);
+            if (dz)
+                FBN_U16_ST16_ORD(dz + i, g0, g1, 0);
+            c += 16;
+            if (c >= P)
+                c -= P;
+        }
 #endif
-    for (; i + 8 <= n; i += 8) {
-        FBN_U16_ST8(dx + i, _mm256_fmadd_ps(FBN_LD(kdy + c), FBN_LDI(dy + i),
-                                            _mm256_fmadd_ps(FBN_LD(kx + c), FBN_LDI(x + i) - FBN_LD(m + c),
-                                                            FBN_LD(kc + c))),
-                    stream);
-        c += 8;
-        if (c >= P)
-            c -= P;
-    }
-    for (; i < n; i++) {
-        dx[i] = FBN_U16_TO(__builtin_fmaf(kdy[c], FBN_XI(dy[i]),
-                                          __builtin_fmaf(kx[c], FBN_XI(x[i]) - m[c], kc[c])));
-        if (++c == P)
-            c = 0;
+        for (; i + 8 <= n; i += 8) {
+            FBN_VT g = FBN_NAME(fbn_gate)(FBN_LDI(dy + i), ys, i);
+            FBN_U16_ST8(dx + i, _mm256_fmadd_ps(FBN_LD(kdy + c), g,
+                                                _mm256_fmadd_ps(FBN_LD(kx + c),
+                                                                FBN_LDI(x + i) - FBN_LD(m + c),
+                                                                FBN_LD(kc + c))),
+                        stream);
+            if (dz)
+                FBN_U16_ST8(dz + i, g, 0);
+            c += 8;
+            if (c >= P)
+                c -= P;
+        }
+        head = n;   /* the scalar tail */
     }
 }
+#undef FBN_EPI16
+#undef FBN_GATE16
 #endif /* FBN_U16_IN */
 
 #undef FBN_IN_T
@@ -641,6 +771,7 @@ FBN_FN void FBN_NAME(fbn_rows_elemt_u16)(const uint16_t *dy, const uint16_t *x, 
 #undef FBN_XI
 #undef FBN_STEP_BYTES
 #if FBN_VEXT
+#undef FBN_VM
 #undef FBN_ST
 #undef FBN_ST_NT
 #undef FBN_VT
