@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _alloc
 from ._registry import ArgumentError, ArgumentTypeError, BackendContractError
 
 # data dtype -> dtype of saved and running statistics (and of kernel vectors)
@@ -54,12 +55,13 @@ class Canonical(NamedTuple):
         return self.shape[:self.axis] + self.shape[self.axis + 1:] + (self.shape[self.axis],)
 
     def empty(self):
-        """Allocate (y3, y): a canonical output buffer and its logical view."""
+        """Allocate (y3, y): a canonical output buffer and its logical view (host memory
+        through fastbn's output cache, see fastbn._alloc)."""
         xp = self.xp
         if self.channels_last:
-            y_mem = xp.empty(self.moved_shape(), dtype=self.x3.dtype)
+            y_mem = _alloc.empty(xp, self.moved_shape(), self.x3.dtype)
             return y_mem.reshape(self.x3.shape), xp.moveaxis(y_mem, -1, self.axis)
-        y3 = xp.empty(self.x3.shape, dtype=self.x3.dtype)
+        y3 = _alloc.empty(xp, self.x3.shape, self.x3.dtype)
         return y3, y3.reshape(self.shape)
 
     def view(self, a):
