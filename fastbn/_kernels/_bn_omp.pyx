@@ -1119,7 +1119,7 @@ cdef void _fused_backward_channel(const data_t *dy, const data_t *x, data_t *dx,
     dz: as _elemt_run)."""
     cdef double sdy = 0, sdyx = 0, n = <double>O * I, w_is, kdy, kx, kc
     cdef double m = mean[c], istd = invstd[c]
-    cdef Py_ssize_t o, k, ahead = _planes_ahead(I, (3 if ys != NULL else 2) * sizeof(data_t))
+    cdef Py_ssize_t o, p, k, ahead = _planes_ahead(I, (3 if ys != NULL else 2) * sizeof(data_t))
     for o in range(O):
         k = (o * C + c) * I
         _dot_run(dy + k, x + k, I, m, &sdy, &sdyx, scratch,
@@ -1129,23 +1129,26 @@ cdef void _fused_backward_channel(const data_t *dy, const data_t *x, data_t *dx,
     kx = -w_is * istd * istd * sdyx / n
     kc = -w_is * sdy / n
     for o in range(O):
-        k = (o * C + c) * I
+        p = o
         if ys != NULL:
-            # (dy, x, ys) of a channel may not all fit in L2: their planes prefetched
-            _prefetch_plane(dy, k, o, O, C, I, ahead)
-            _prefetch_plane(x, k, o, O, C, I, ahead)
-            _prefetch_plane(ys, k, o, O, C, I, ahead)
+            # (dy, x, ys) of a channel may not all fit in L2: the planes read last
+            # (still in L2) are taken first, and the planes ahead are prefetched
+            p = O - 1 - o
+            _prefetch_plane(dy, p - ahead, O, C, I, c)
+            _prefetch_plane(x, p - ahead, O, C, I, c)
+            _prefetch_plane(ys, p - ahead, O, C, I, c)
+        k = (p * C + c) * I
         _elemt_run(dy + k, x + k, dx + k, I, m, <stat_t>kdy, <stat_t>kx, <stat_t>kc, stream,
                    scratch, bf16, _at(ys, k), <data_t *>_at(dz, k))
     sdy_out[c] = <stat_t>sdy
     sdyx_out[c] = <stat_t>sdyx
 
 
-cdef inline void _prefetch_plane(const data_t *p, Py_ssize_t k, Py_ssize_t o, Py_ssize_t O,
-                                 Py_ssize_t C, Py_ssize_t I, Py_ssize_t ahead) noexcept nogil:
-    """Prefetch the plane `ahead` planes on from p + k (plane o of O, C*I apart)."""
-    if o + ahead < O:
-        fbn_prefetch_bytes(p + k + ahead * C * I, <size_t>I * sizeof(data_t))
+cdef inline void _prefetch_plane(const data_t *p, Py_ssize_t o, Py_ssize_t O, Py_ssize_t C,
+                                 Py_ssize_t I, Py_ssize_t c) noexcept nogil:
+    """Prefetch plane o (of O) of channel c, if there is one."""
+    if 0 <= o < O:
+        fbn_prefetch_bytes(p + (o * C + c) * I, <size_t>I * sizeof(data_t))
 
 
 cdef inline Py_ssize_t _planes_ahead(Py_ssize_t I, Py_ssize_t bytes_per_value) noexcept nogil:
