@@ -474,7 +474,7 @@ def _fuse_relus(model):
     if not isinstance(model, torch.nn.Sequential):
         return
     children = list(model._modules.items())
-    for (name, bn), (relu_name, relu) in zip(children, children[1:]):
+    for (_, bn), (relu_name, relu) in zip(children, children[1:]):
         if bn is not None and _fusable(bn, relu):
             bn.activation = "relu"
             setattr(model, relu_name, torch.nn.Identity())
