@@ -591,7 +591,7 @@ FBN_FN void FBN_NAME(fbn_rows_elemt_out)(const FBN_T *dy, const FBN_T *x, FBN_T 
     } while (0)
 
 /* y = epilogue((x - m)*s + b) (z, relu as fbn_affine). */
-FBN_FN void FBN_NAME(fbn_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t n, float m,
+FBN_FN __attribute__((always_inline)) void FBN_NAME(fbn_affine_u16_k)(const uint16_t *x, uint16_t *y, Py_ssize_t n, float m,
                                      float s, float b, const uint16_t *z, int relu, int stream)
 {
     Py_ssize_t i = 0, head = FBN_U16_HEAD(y, n, stream);
@@ -620,7 +620,7 @@ FBN_FN void FBN_NAME(fbn_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t 
 
 /* dx = kdy*g + (kx*(x - m) + kc), g = dy masked by ys; dz = g (ordinary
  * stores) unless dz is NULL. */
-FBN_FN void FBN_NAME(fbn_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+FBN_FN __attribute__((always_inline)) void FBN_NAME(fbn_elemt_u16_k)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
                                     Py_ssize_t n, float m, float kdy, float kx, float kc,
                                     const uint16_t *ys, uint16_t *dz, int stream)
 {
@@ -664,7 +664,7 @@ FBN_FN void FBN_NAME(fbn_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint1
 
 /* Rows forms: constants tiled to period P (see fbn_rows_affine above; their 16
  * wrapped-around values let a 16-value step read m + c .. m + c + 15, c < P). */
-FBN_FN void FBN_NAME(fbn_rows_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t n,
+FBN_FN __attribute__((always_inline)) void FBN_NAME(fbn_rows_affine_u16_k)(const uint16_t *x, uint16_t *y, Py_ssize_t n,
                                           Py_ssize_t c0, Py_ssize_t P, const float *m,
                                           const float *s, const float *b, const uint16_t *z,
                                           int relu, int stream)
@@ -705,7 +705,7 @@ FBN_FN void FBN_NAME(fbn_rows_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssi
     }
 }
 
-FBN_FN void FBN_NAME(fbn_rows_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+FBN_FN __attribute__((always_inline)) void FBN_NAME(fbn_rows_elemt_u16_k)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
                                          Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
                                          const float *m, const float *kdy, const float *kx,
                                          const float *kc, const uint16_t *ys, uint16_t *dz,
@@ -764,6 +764,55 @@ FBN_FN void FBN_NAME(fbn_rows_elemt_u16)(const uint16_t *dy, const uint16_t *x, 
 }
 #undef FBN_EPI16
 #undef FBN_GATE16
+
+/* The entry points: the loops above inlined with their epilogue arguments, or with
+ * the constants NULL / 0 when there is no epilogue, so that the plain kernels run
+ * loops with no trace of it (gcc does not unswitch these loops by itself). */
+#define FBN_SPLIT(plain, loop, plain_args, args)                            \
+    do {                                                                    \
+        if (plain)                                                          \
+            loop plain_args;                                                \
+        else                                                                \
+            loop args;                                                      \
+    } while (0)
+
+FBN_FN void FBN_NAME(fbn_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t n, float m,
+                                     float s, float b, const uint16_t *z, int relu, int stream)
+{
+    FBN_SPLIT(!z && !relu, FBN_NAME(fbn_affine_u16_k), (x, y, n, m, s, b, NULL, 0, stream),
+              (x, y, n, m, s, b, z, relu, stream));
+}
+
+FBN_FN void FBN_NAME(fbn_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                    Py_ssize_t n, float m, float kdy, float kx, float kc,
+                                    const uint16_t *ys, uint16_t *dz, int stream)
+{
+    FBN_SPLIT(!ys && !dz, FBN_NAME(fbn_elemt_u16_k),
+              (dy, x, dx, n, m, kdy, kx, kc, NULL, NULL, stream),
+              (dy, x, dx, n, m, kdy, kx, kc, ys, dz, stream));
+}
+
+FBN_FN void FBN_NAME(fbn_rows_affine_u16)(const uint16_t *x, uint16_t *y, Py_ssize_t n,
+                                          Py_ssize_t c0, Py_ssize_t P, const float *m,
+                                          const float *s, const float *b, const uint16_t *z,
+                                          int relu, int stream)
+{
+    FBN_SPLIT(!z && !relu, FBN_NAME(fbn_rows_affine_u16_k),
+              (x, y, n, c0, P, m, s, b, NULL, 0, stream),
+              (x, y, n, c0, P, m, s, b, z, relu, stream));
+}
+
+FBN_FN void FBN_NAME(fbn_rows_elemt_u16)(const uint16_t *dy, const uint16_t *x, uint16_t *dx,
+                                         Py_ssize_t n, Py_ssize_t c0, Py_ssize_t P,
+                                         const float *m, const float *kdy, const float *kx,
+                                         const float *kc, const uint16_t *ys, uint16_t *dz,
+                                         int stream)
+{
+    FBN_SPLIT(!ys && !dz, FBN_NAME(fbn_rows_elemt_u16_k),
+              (dy, x, dx, n, c0, P, m, kdy, kx, kc, NULL, NULL, stream),
+              (dy, x, dx, n, c0, P, m, kdy, kx, kc, ys, dz, stream));
+}
+#undef FBN_SPLIT
 #endif /* FBN_U16_IN */
 
 #undef FBN_IN_T
