@@ -51,7 +51,9 @@ def _kernels():
 
 def _bits(a):
     """16-bit float arrays travel to the kernels as integer views (no copy):
-    float16 as uint16, bfloat16 as int16."""
+    float16 as uint16, bfloat16 as int16; None (an absent z or dz) stays None."""
+    if a is None:
+        return None
     carrier = _CARRIER.get(a.dtype.name)
     return a if carrier is None else a.view(carrier)
 
@@ -89,6 +91,11 @@ class NumbaBackend(Backend):
     fused training forward picks per call between a per-channel fused loop (a
     channel's data re-read from L2) and the two-kernel composition; backward
     is always the two kernels (fusing measured no gain here).
+
+    The epilogues (relu, residual add, their gradients; see
+    ``fastbn._registry.Backend``) run inside the same kernels, in the same
+    passes: each combination of them is its own specialization, compiled on
+    first use.
     """
 
     name = "numba"
@@ -123,11 +130,30 @@ class NumbaBackend(Backend):
         return _call(_kernels().forward_train, _bits(x3), _vector(weight, x3),
                      _vector(bias, x3), float(eps), _bits(y3))
 
+    def normalize_epilogue(self, x3, mean, scale, shift, z3, relu, y3):
+        _call(_kernels().normalize_epilogue, _bits(x3), _vector(mean, x3), _vector(scale, x3),
+              _vector(shift, x3), _bits(z3), bool(relu), _bits(y3))
+
+    def forward_train_epilogue(self, x3, weight, bias, eps, z3, relu, y3):
+        return _call(_kernels().forward_train_epilogue, _bits(x3), _vector(weight, x3),
+                     _vector(bias, x3), float(eps), _bits(z3), bool(relu), _bits(y3))
+
+    def backward_reduce_relu(self, dy3, y3, x3, mean):
+        return _call(_kernels().backward_reduce_relu, _bits(dy3), _bits(y3), _bits(x3),
+                     _vector(mean, x3))
+
+    def backward_elemt_relu(self, dy3, y3, x3, mean, k_dy, k_x, k_c, dz3, dx3):
+        _call(_kernels().backward_elemt_relu, _bits(dy3), _bits(y3), _bits(x3),
+              _vector(mean, x3), _vector(k_dy, x3), _vector(k_x, x3), _vector(k_c, x3),
+              _bits(dz3), _bits(dx3))
+
     # No fused backward: bn_numba.backward_train (fused per channel where (dy, x)
     # of a channel fit in L2) measured no faster than backward_reduce +
     # backward_elemt here (S NCHW 2.78 vs 2.61 ms, M 11.29 vs 11.24 ms, 2
-    # threads, benchmarks/compare_numba.py), so the core composes the two.
+    # threads, benchmarks/compare_numba.py), so the core composes the two; so
+    # also with the relu gradient (backward_reduce_relu + backward_elemt_relu).
     backward_train = None
+    backward_train_relu = None
 
 
 backend = NumbaBackend()

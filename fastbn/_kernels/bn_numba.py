@@ -34,6 +34,19 @@ Two kernel families, as in the Cython module:
   a block of channels in an L1-resident array across a tile of rows, threads
   split the rows (or, with few rows, the channels).
 
+Epilogues (``normalize_epilogue``, ``forward_train_epilogue``,
+``backward_reduce_relu``, ``backward_elemt_relu``): the element-wise loops finish
+each value with a residual add and a relu, ``y = relu((x - mean)*scale + shift
++ z)`` computed in the compute type and rounded once, and the backward loops
+mask ``dy`` by relu's gradient from the saved output (``dy`` where ``y > 0``,
+else 0) and may store that to ``dz``: the same loops and passes as the plain
+kernels. The flags reach the loops as literal bools (each thread-team kernel is
+made per combination of flags, holding them as constants: ``_by_flags``), so
+every combination is its own specialization, compiled on its first use (the
+plain kernels are the one without any); an absent array
+travels as a dummy of the same type (``x`` for ``z``, ``dy`` for ``y``, ``dx``
+for ``dz``) that is never touched.
+
 Where the Cython module passes pointers, these functions pass the 1-D array
 and a slice of it (``x[pos:pos + n]``, a view): the loops then index from 0,
 which lets LLVM drop numba's negative-index checks and vectorise.
@@ -48,6 +61,7 @@ loops do by hand) and ``contract`` (fused multiply-add); never ``nnan`` /
 """
 import ctypes
 import ctypes.util
+import itertools
 import mmap
 import sys
 
@@ -276,67 +290,114 @@ def _is_float_array(a):
     return isinstance(a, types.Array) and a.dtype in (types.float32, types.float64)
 
 
+def _literal_flags(*flags):
+    """The values of epilogue flags typed as literal bools, or None (typing: the
+    flags pick the code at compile time, so they must be literal)."""
+    if not all(isinstance(f, types.BooleanLiteral) for f in flags):
+        return None
+    return tuple(f.literal_value for f in flags)
+
+
+def _act_line(context, builder, sig, args, v, zi, i, add, relu):
+    """The forward epilogue on one line v: v + z[i:] (z: argument zi) when add,
+    then relu when relu (a select on v < 0: NaN stays NaN)."""
+    if add:
+        zp, _ = _line_ptr(context, builder, sig.args[zi], args[zi], i)
+        v = builder.fadd(v, builder.load(zp, align=1))
+    if relu:
+        zero = ir.Constant(v.type, None)
+        v = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
+    return v
+
+
+def _grad_line(context, builder, sig, args, gp, yi, dzi, i, relu, wdz):
+    """The gradient one line of dy (at gp) carries: dy where y[i:] > 0, else 0
+    (y: argument yi) when relu; stored to dz[i:] (argument dzi, ordinary
+    stores) when wdz."""
+    g = builder.load(gp, align=1)
+    if relu:
+        yp, _ = _line_ptr(context, builder, sig.args[yi], args[yi], i)
+        zero = ir.Constant(g.type, None)
+        g = builder.select(builder.fcmp_ordered(">", builder.load(yp, align=1), zero), g, zero)
+    if wdz:
+        dzp, _ = _line_ptr(context, builder, sig.args[dzi], args[dzi], i)
+        builder.store(g, dzp, align=1)
+    return g
+
+
 @intrinsic
-def _nt_affine(typingctx, x, y, i, m, s, b):
-    """One 64-byte line: y[i:] = (x[i:] - m)*s + b, streamed (y + i aligned)."""
-    if not (_is_float_array(x) and y.dtype == x.dtype):
+def _nt_affine(typingctx, x, y, z, i, m, s, b, add, relu):
+    """One 64-byte line: y[i:] = act((x[i:] - m)*s + b [+ z[i:]]), streamed (y + i
+    aligned); add, relu: literal flags of the epilogue (see _affine)."""
+    flags = _literal_flags(add, relu)
+    if not (_is_float_array(x) and y.dtype == x.dtype) or flags is None:
         return None
 
     def codegen(context, builder, sig, args):
-        xp, vec = _line_ptr(context, builder, sig.args[0], args[0], args[2])
-        yp, _ = _line_ptr(context, builder, sig.args[1], args[1], args[2])
-        v = builder.fsub(builder.load(xp, align=1), _splat(builder, vec, args[3]))
-        v = builder.fadd(builder.fmul(v, _splat(builder, vec, args[4])),
-                         _splat(builder, vec, args[5]))
-        _store_nt(builder, v, yp)
+        xp, vec = _line_ptr(context, builder, sig.args[0], args[0], args[3])
+        yp, _ = _line_ptr(context, builder, sig.args[1], args[1], args[3])
+        v = builder.fsub(builder.load(xp, align=1), _splat(builder, vec, args[4]))
+        v = builder.fadd(builder.fmul(v, _splat(builder, vec, args[5])),
+                         _splat(builder, vec, args[6]))
+        _store_nt(builder, _act_line(context, builder, sig, args, v, 2, args[3], *flags), yp)
         return context.get_dummy_value()
-    return types.void(x, y, types.intp, x.dtype, x.dtype, x.dtype), codegen
+    return types.void(x, y, z, types.intp, x.dtype, x.dtype, x.dtype, add, relu), codegen
 
 
 @intrinsic
-def _nt_elemt(typingctx, dy, x, dx, i, m, a, b, c):
-    """One 64-byte line: dx[i:] = a*dy[i:] + (b*(x[i:] - m) + c), streamed."""
-    if not (_is_float_array(x) and dy.dtype == x.dtype and dx.dtype == x.dtype):
+def _nt_elemt(typingctx, dy, x, dx, i, m, a, b, c, y, dz, relu, wdz):
+    """One 64-byte line: dx[i:] = a*g + (b*(x[i:] - m) + c), streamed, g = dy[i:]
+    masked by relu's gradient and stored to dz[i:] as the literal flags relu, wdz
+    say (see _elemt)."""
+    flags = _literal_flags(relu, wdz)
+    if not (_is_float_array(x) and dy.dtype == x.dtype and dx.dtype == x.dtype) \
+            or flags is None:
         return None
 
     def codegen(context, builder, sig, args):
         gp, vec = _line_ptr(context, builder, sig.args[0], args[0], args[3])
         xp, _ = _line_ptr(context, builder, sig.args[1], args[1], args[3])
         dp, _ = _line_ptr(context, builder, sig.args[2], args[2], args[3])
+        g = _grad_line(context, builder, sig, args, gp, 8, 9, args[3], *flags)
         xm = builder.fsub(builder.load(xp, align=1), _splat(builder, vec, args[4]))
         v = builder.fadd(builder.fmul(_splat(builder, vec, args[6]), xm),
                          _splat(builder, vec, args[7]))
-        v = builder.fadd(builder.fmul(_splat(builder, vec, args[5]),
-                                      builder.load(gp, align=1)), v)
+        v = builder.fadd(builder.fmul(_splat(builder, vec, args[5]), g), v)
         _store_nt(builder, v, dp)
         return context.get_dummy_value()
     t = x.dtype
-    return types.void(dy, x, dx, types.intp, t, t, t, t), codegen
+    return types.void(dy, x, dx, types.intp, t, t, t, t, y, dz, relu, wdz), codegen
 
 
 @intrinsic
-def _nt_rows_affine(typingctx, x, y, i, m, s, b, j):
-    """One 64-byte line of a rows run: y[i:] = (x[i:] - m[j:])*s[j:] + b[j:], streamed."""
-    if not (_is_float_array(x) and y.dtype == x.dtype and m.dtype == x.dtype):
+def _nt_rows_affine(typingctx, x, y, z, i, m, s, b, j, add, relu):
+    """One 64-byte line of a rows run: y[i:] = act((x[i:] - m[j:])*s[j:] + b[j:]
+    [+ z[i:]]), streamed (see _nt_affine)."""
+    flags = _literal_flags(add, relu)
+    if not (_is_float_array(x) and y.dtype == x.dtype and m.dtype == x.dtype) \
+            or flags is None:
         return None
 
     def codegen(context, builder, sig, args):
-        xp, vec = _line_ptr(context, builder, sig.args[0], args[0], args[2])
-        yp, _ = _line_ptr(context, builder, sig.args[1], args[1], args[2])
-        mp, _ = _line_ptr(context, builder, sig.args[3], args[3], args[6])
-        sp, _ = _line_ptr(context, builder, sig.args[4], args[4], args[6])
-        bp, _ = _line_ptr(context, builder, sig.args[5], args[5], args[6])
+        xp, vec = _line_ptr(context, builder, sig.args[0], args[0], args[3])
+        yp, _ = _line_ptr(context, builder, sig.args[1], args[1], args[3])
+        mp, _ = _line_ptr(context, builder, sig.args[4], args[4], args[7])
+        sp, _ = _line_ptr(context, builder, sig.args[5], args[5], args[7])
+        bp, _ = _line_ptr(context, builder, sig.args[6], args[6], args[7])
         v = builder.fsub(builder.load(xp, align=1), builder.load(mp, align=1))
         v = builder.fadd(builder.fmul(v, builder.load(sp, align=1)), builder.load(bp, align=1))
-        _store_nt(builder, v, yp)
+        _store_nt(builder, _act_line(context, builder, sig, args, v, 2, args[3], *flags), yp)
         return context.get_dummy_value()
-    return types.void(x, y, types.intp, m, s, b, types.intp), codegen
+    return types.void(x, y, z, types.intp, m, s, b, types.intp, add, relu), codegen
 
 
 @intrinsic
-def _nt_rows_elemt(typingctx, dy, x, dx, i, m, a, b, c, j):
-    """One 64-byte line of a rows run: dx = a*dy + (b*(x - m) + c), constants at [j:]."""
-    if not (_is_float_array(x) and dy.dtype == x.dtype and m.dtype == x.dtype):
+def _nt_rows_elemt(typingctx, dy, x, dx, i, m, a, b, c, j, y, dz, relu, wdz):
+    """One 64-byte line of a rows run: dx = a*g + (b*(x - m) + c), constants at
+    [j:], g as in _nt_elemt."""
+    flags = _literal_flags(relu, wdz)
+    if not (_is_float_array(x) and dy.dtype == x.dtype and m.dtype == x.dtype) \
+            or flags is None:
         return None
 
     def codegen(context, builder, sig, args):
@@ -347,12 +408,13 @@ def _nt_rows_elemt(typingctx, dy, x, dx, i, m, a, b, c, j):
         ap, _ = _line_ptr(context, builder, sig.args[5], args[5], args[8])
         bp, _ = _line_ptr(context, builder, sig.args[6], args[6], args[8])
         cp, _ = _line_ptr(context, builder, sig.args[7], args[7], args[8])
+        g = _grad_line(context, builder, sig, args, gp, 9, 10, args[3], *flags)
         xm = builder.fsub(builder.load(xp, align=1), builder.load(mp, align=1))
         v = builder.fadd(builder.fmul(builder.load(bp, align=1), xm), builder.load(cp, align=1))
-        v = builder.fadd(builder.fmul(builder.load(ap, align=1), builder.load(gp, align=1)), v)
+        v = builder.fadd(builder.fmul(builder.load(ap, align=1), g), v)
         _store_nt(builder, v, dp)
         return context.get_dummy_value()
-    return types.void(dy, x, dx, types.intp, m, a, b, c, types.intp), codegen
+    return types.void(dy, x, dx, types.intp, m, a, b, c, types.intp, y, dz, relu, wdz), codegen
 
 
 @intrinsic
@@ -425,6 +487,55 @@ def _ov_ctype(a, v):
     if isinstance(a, types.Array) and a.dtype == types.float64:
         return lambda a, v: np.float64(v)
     return lambda a, v: np.float32(v)
+
+
+# --- epilogues: y = act(bn(x) [+ z]) and its gradient, one value at a time ------
+#
+# The flags (add: z is given; relu; wdz: dz is given) reach the loops as literal
+# bools (the thread-team kernels hold them as constants, see _by_flags), so each
+# combination is its own specialization with the unused steps compiled out, and
+# the plain kernels are the all-False one. An absent z, y or dz travels as a
+# dummy array of the same type (x, dy, dx), never read or written (but typed:
+# dead branches are still typed, so dz's dummy is writable).
+
+def _zero(v):
+    """0 in v's (float) type."""
+
+
+@overload(_zero, jit_options=_jit)
+def _ov_zero(v):
+    zero = np.float64(0) if v == types.float64 else np.float32(0)
+    return lambda v: zero
+
+
+@njit(**_jit)
+def _act(v, z, i, add, relu):
+    """v [+ z[i]], then relu when relu: 0 where v < 0, else v (NaN stays NaN)."""
+    if add:
+        v += _load(z, i)
+    if relu and v < 0:
+        v = _zero(v)
+    return v
+
+
+@njit(**_jit)
+def _mask(dy, y, i, relu):
+    """dy[i] where y[i] > 0, else 0, when relu (relu's gradient from its
+    output); dy[i] otherwise."""
+    g = _load(dy, i)
+    if relu and not _load(y, i) > 0:
+        g = _zero(g)
+    return g
+
+
+@njit(**_jit)
+def _grad(dy, y, dz, i, relu, wdz):
+    """_mask(dy, y, i, relu), also stored to dz[i] when wdz (dz: a writable
+    array even when not written: dead code is still typed)."""
+    g = _mask(dy, y, i, relu)
+    if wdz:
+        _store(dz, i, g)
+    return g
 
 
 # ----------------------------------------------------------------------------
@@ -543,23 +654,24 @@ def _shifted_sums(x, k, pf):
 
 
 @njit(fastmath=_FM_REDUCE, **_jit)
-def _dot_xmu_part(dy, x, m):
+def _dot_xmu_part(dy, x, m, y, relu):
     p = _ctype(x, 0.0)
     q = _ctype(x, 0.0)
     for i in range(x.shape[0]):
-        g = _load(dy, i)
+        g = _mask(dy, y, i, relu)
         p += g
         q += g * (_load(x, i) - m)
     return p, q
 
 
 @njit(**_jit)
-def _dot_xmu(dy, x, m, pfd, pfx):
-    """Backward sums of one tile: sum(dy) and sum(dy * (x - m)), as doubles;
-    pfd, pfx prefetched alongside when as long as x (see _shifted_sums)."""
+def _dot_xmu(dy, x, m, pfd, pfx, y, relu):
+    """Backward sums of one tile: sum(g) and sum(g * (x - m)), as doubles, g = dy
+    (masked by relu's gradient from y when relu, see _grad); pfd, pfx prefetched
+    alongside when as long as x (see _shifted_sums)."""
     n = x.shape[0]
     if pfx.shape[0] < n:
-        p, q = _dot_xmu_part(dy, x, m)
+        p, q = _dot_xmu_part(dy, x, m, y, relu)
         return np.float64(p), np.float64(q)
     p = _ctype(x, 0.0)
     q = _ctype(x, 0.0)
@@ -570,7 +682,7 @@ def _dot_xmu(dy, x, m, pfd, pfx):
         for j in range(i, e, line):
             _prefetch(pfd, j)
             _prefetch(pfx, j)
-        a, b = _dot_xmu_part(dy[i:e], x[i:e], m)
+        a, b = _dot_xmu_part(dy[i:e], x[i:e], m, y[i:e], relu)
         p += a
         q += b
         i = e
@@ -578,17 +690,18 @@ def _dot_xmu(dy, x, m, pfd, pfx):
 
 
 @njit(fastmath=_FM_ELEMT, **_jit)
-def _affine(x, y, m, s, b):
-    """y = (x - m)*s + b."""
+def _affine(x, y, z, m, s, b, add, relu):
+    """y = act((x - m)*s + b [+ z]), the epilogue of the literal flags (see _act)."""
     for i in range(x.shape[0]):
-        _store(y, i, (_load(x, i) - m) * s + b)
+        _store(y, i, _act((_load(x, i) - m) * s + b, z, i, add, relu))
 
 
 @njit(fastmath=_FM_ELEMT, **_jit)
-def _elemt(dy, x, dx, m, kdy, kx, kc):
-    """dx = kdy*dy + (kx*(x - m) + kc)."""
+def _elemt(dy, x, dx, m, kdy, kx, kc, y, dz, relu, wdz):
+    """dx = kdy*g + (kx*(x - m) + kc), g = dy masked by relu's gradient from y
+    and stored to dz as the literal flags say (see _grad)."""
     for i in range(x.shape[0]):
-        _store(dx, i, kdy * _load(dy, i) + (kx * (_load(x, i) - m) + kc))
+        _store(dx, i, kdy * _grad(dy, y, dz, i, relu, wdz) + (kx * (_load(x, i) - m) + kc))
 
 
 # --- one contiguous run of one channel -------------------------------------
@@ -618,19 +731,20 @@ def _stats_run(x, st, c, C, pf):
 
 
 @njit(**_jit)
-def _dot_run(dy, x, m, sd, c, pfd, pfx):
-    """sd[0, c] += sum(dy), sd[1, c] += sum(dy*(x - m)); element-type partial
-    sums per tile, accumulated in double; pfd, pfx prefetched alongside when
-    as long as x."""
+def _dot_run(dy, x, m, sd, c, pfd, pfx, y, relu):
+    """sd[0, c] += sum(g), sd[1, c] += sum(g*(x - m)), g as in _dot_xmu;
+    element-type partial sums per tile, accumulated in double; pfd, pfx
+    prefetched alongside when as long as x."""
     n = x.shape[0]
     prefetch = pfx.shape[0] >= n
     i = 0
     while i < n:
         nt = _tile_len(n - i)
         if prefetch:
-            a, b = _dot_xmu(dy[i:i + nt], x[i:i + nt], m, pfd[i:i + nt], pfx[i:i + nt])
+            a, b = _dot_xmu(dy[i:i + nt], x[i:i + nt], m, pfd[i:i + nt], pfx[i:i + nt],
+                            y[i:i + nt], relu)
         else:
-            a, b = _dot_xmu(dy[i:i + nt], x[i:i + nt], m, pfd[:0], pfx[:0])
+            a, b = _dot_xmu(dy[i:i + nt], x[i:i + nt], m, pfd[:0], pfx[:0], y[i:i + nt], relu)
         sd[0, c] += a
         sd[1, c] += b
         i += nt
@@ -669,150 +783,156 @@ def _ov_head(y, n):
     return impl
 
 
-def _affine_stream(x, y, m, s, b, stage):
-    """y = (x - m)*s + b with streaming stores: float data line by line
-    (a 64-byte vector computed and streamed), float16/bfloat16 through the stage."""
+def _affine_stream(x, y, z, m, s, b, stage, add, relu):
+    """y = act((x - m)*s + b [+ z]) (see _affine) with streaming stores: float
+    data line by line (a 64-byte vector computed and streamed), float16/bfloat16
+    through the stage."""
 
 
-@overload(_affine_stream, jit_options=_jit)
-def _ov_affine_stream(x, y, m, s, b, stage):
+@overload(_affine_stream, jit_options=_jit, prefer_literal=True)
+def _ov_affine_stream(x, y, z, m, s, b, stage, add, relu):
     if _is_16bit(y):
-        def impl(x, y, m, s, b, stage):
+        def impl(x, y, z, m, s, b, stage, add, relu):
             n = x.shape[0]
             i = 0
             while i < n:
                 nt = min(stage.shape[0], n - i)
-                _affine(x[i:i + nt], stage[:nt], m, s, b)
+                _affine(x[i:i + nt], stage[:nt], z[i:i + nt], m, s, b, add, relu)
                 _stream_out(y[i:i + nt], stage, nt)
                 i += nt
         return impl
 
-    def impl(x, y, m, s, b, stage):
+    def impl(x, y, z, m, s, b, stage, add, relu):
         n = x.shape[0]
         per = 64 // y.itemsize
         i = _head(y, n)
-        _affine(x[:i], y[:i], m, s, b)
+        _affine(x[:i], y[:i], z[:i], m, s, b, add, relu)
         while i + per <= n:
-            _nt_affine(x, y, i, m, s, b)
+            _nt_affine(x, y, z, i, m, s, b, add, relu)
             i += per
-        _affine(x[i:], y[i:], m, s, b)
+        _affine(x[i:], y[i:], z[i:], m, s, b, add, relu)
     return impl
 
 
-def _elemt_stream(dy, x, dx, m, a, b, c, stage):
-    """dx = a*dy + (b*(x - m) + c) with streaming stores (see _affine_stream)."""
+def _elemt_stream(dy, x, dx, m, a, b, c, stage, y, dz, relu, wdz):
+    """_elemt with streaming stores of dx (see _affine_stream); dz, when
+    written, takes ordinary stores."""
 
 
-@overload(_elemt_stream, jit_options=_jit)
-def _ov_elemt_stream(dy, x, dx, m, a, b, c, stage):
+@overload(_elemt_stream, jit_options=_jit, prefer_literal=True)
+def _ov_elemt_stream(dy, x, dx, m, a, b, c, stage, y, dz, relu, wdz):
     if _is_16bit(dx):
-        def impl(dy, x, dx, m, a, b, c, stage):
+        def impl(dy, x, dx, m, a, b, c, stage, y, dz, relu, wdz):
             n = x.shape[0]
             i = 0
             while i < n:
                 nt = min(stage.shape[0], n - i)
-                _elemt(dy[i:i + nt], x[i:i + nt], stage[:nt], m, a, b, c)
+                _elemt(dy[i:i + nt], x[i:i + nt], stage[:nt], m, a, b, c, y[i:i + nt],
+                       dz[i:i + nt], relu, wdz)
                 _stream_out(dx[i:i + nt], stage, nt)
                 i += nt
         return impl
 
-    def impl(dy, x, dx, m, a, b, c, stage):
+    def impl(dy, x, dx, m, a, b, c, stage, y, dz, relu, wdz):
         n = x.shape[0]
         per = 64 // dx.itemsize
         i = _head(dx, n)
-        _elemt(dy[:i], x[:i], dx[:i], m, a, b, c)
+        _elemt(dy[:i], x[:i], dx[:i], m, a, b, c, y[:i], dz[:i], relu, wdz)
         while i + per <= n:
-            _nt_elemt(dy, x, dx, i, m, a, b, c)
+            _nt_elemt(dy, x, dx, i, m, a, b, c, y, dz, relu, wdz)
             i += per
-        _elemt(dy[i:], x[i:], dx[i:], m, a, b, c)
+        _elemt(dy[i:], x[i:], dx[i:], m, a, b, c, y[i:], dz[i:], relu, wdz)
     return impl
 
 
-def _rows_affine_stream(x, y, m, s, b, stage):
+def _rows_affine_stream(x, y, z, m, s, b, stage, add, relu):
     """_rows_affine with streaming stores (see _affine_stream)."""
 
 
-@overload(_rows_affine_stream, jit_options=_jit)
-def _ov_rows_affine_stream(x, y, m, s, b, stage):
+@overload(_rows_affine_stream, jit_options=_jit, prefer_literal=True)
+def _ov_rows_affine_stream(x, y, z, m, s, b, stage, add, relu):
     if _is_16bit(y):
-        def impl(x, y, m, s, b, stage):
+        def impl(x, y, z, m, s, b, stage, add, relu):
             n = x.shape[0]
             i = 0
             while i < n:
                 nt = min(stage.shape[0], n - i)
-                _rows_affine(x[i:i + nt], stage[:nt], m[i:i + nt], s[i:i + nt], b[i:i + nt])
+                _rows_affine(x[i:i + nt], stage[:nt], z[i:i + nt], m[i:i + nt], s[i:i + nt],
+                             b[i:i + nt], add, relu)
                 _stream_out(y[i:i + nt], stage, nt)
                 i += nt
         return impl
 
-    def impl(x, y, m, s, b, stage):
+    def impl(x, y, z, m, s, b, stage, add, relu):
         n = x.shape[0]
         per = 64 // y.itemsize
         i = _head(y, n)
-        _rows_affine(x[:i], y[:i], m[:i], s[:i], b[:i])
+        _rows_affine(x[:i], y[:i], z[:i], m[:i], s[:i], b[:i], add, relu)
         while i + per <= n:
-            _nt_rows_affine(x, y, i, m, s, b, i)
+            _nt_rows_affine(x, y, z, i, m, s, b, i, add, relu)
             i += per
-        _rows_affine(x[i:], y[i:], m[i:n], s[i:n], b[i:n])
+        _rows_affine(x[i:], y[i:], z[i:], m[i:n], s[i:n], b[i:n], add, relu)
     return impl
 
 
-def _rows_elemt_stream(dy, x, dx, m, a, b, c, stage):
-    """_rows_elemt with streaming stores (see _affine_stream)."""
+def _rows_elemt_stream(dy, x, dx, m, a, b, c, stage, y, dz, relu, wdz):
+    """_rows_elemt with streaming stores (see _elemt_stream)."""
 
 
-@overload(_rows_elemt_stream, jit_options=_jit)
-def _ov_rows_elemt_stream(dy, x, dx, m, a, b, c, stage):
+@overload(_rows_elemt_stream, jit_options=_jit, prefer_literal=True)
+def _ov_rows_elemt_stream(dy, x, dx, m, a, b, c, stage, y, dz, relu, wdz):
     if _is_16bit(dx):
-        def impl(dy, x, dx, m, a, b, c, stage):
+        def impl(dy, x, dx, m, a, b, c, stage, y, dz, relu, wdz):
             n = x.shape[0]
             i = 0
             while i < n:
                 nt = min(stage.shape[0], n - i)
                 _rows_elemt(dy[i:i + nt], x[i:i + nt], stage[:nt], m[i:i + nt], a[i:i + nt],
-                            b[i:i + nt], c[i:i + nt])
+                            b[i:i + nt], c[i:i + nt], y[i:i + nt], dz[i:i + nt], relu, wdz)
                 _stream_out(dx[i:i + nt], stage, nt)
                 i += nt
         return impl
 
-    def impl(dy, x, dx, m, a, b, c, stage):
+    def impl(dy, x, dx, m, a, b, c, stage, y, dz, relu, wdz):
         n = x.shape[0]
         per = 64 // dx.itemsize
         i = _head(dx, n)
-        _rows_elemt(dy[:i], x[:i], dx[:i], m[:i], a[:i], b[:i], c[:i])
+        _rows_elemt(dy[:i], x[:i], dx[:i], m[:i], a[:i], b[:i], c[:i], y[:i], dz[:i], relu,
+                    wdz)
         while i + per <= n:
-            _nt_rows_elemt(dy, x, dx, i, m, a, b, c, i)
+            _nt_rows_elemt(dy, x, dx, i, m, a, b, c, i, y, dz, relu, wdz)
             i += per
-        _rows_elemt(dy[i:], x[i:], dx[i:], m[i:n], a[i:n], b[i:n], c[i:n])
+        _rows_elemt(dy[i:], x[i:], dx[i:], m[i:n], a[i:n], b[i:n], c[i:n], y[i:], dz[i:],
+                    relu, wdz)
     return impl
 
 
 @njit(**_jit)
-def _affine_run(x, y, m, s, b, stage):
-    """y = (x - m)*s + b, constants in the compute type. stage: a per-thread
-    buffer (in L1) through which the output is streamed, or empty for
-    ordinary stores."""
+def _affine_run(x, y, z, m, s, b, stage, add, relu):
+    """y = act((x - m)*s + b [+ z]) (see _affine), constants in the compute
+    type. stage: a per-thread buffer (in L1) through which the output is
+    streamed, or empty for ordinary stores."""
     m_ = _ctype(x, m)
     s_ = _ctype(x, s)
     b_ = _ctype(x, b)
     if stage.shape[0] == 0:
-        _affine(x, y, m_, s_, b_)
+        _affine(x, y, z, m_, s_, b_, add, relu)
     else:
-        _affine_stream(x, y, m_, s_, b_, stage)
+        _affine_stream(x, y, z, m_, s_, b_, stage, add, relu)
 
 
 @njit(**_jit)
-def _elemt_run(dy, x, dx, m, kdy, kx, kc, stage):
-    """dx = kdy*dy + kx*(x - m) + kc, constants in the compute type; stage as
-    in _affine_run."""
+def _elemt_run(dy, x, dx, m, kdy, kx, kc, stage, y, dz, relu, wdz):
+    """dx = kdy*g + kx*(x - m) + kc (see _elemt), constants in the compute
+    type; stage as in _affine_run."""
     m_ = _ctype(x, m)
     a = _ctype(x, kdy)
     b = _ctype(x, kx)
     c = _ctype(x, kc)
     if stage.shape[0] == 0:
-        _elemt(dy, x, dx, m_, a, b, c)
+        _elemt(dy, x, dx, m_, a, b, c, y, dz, relu, wdz)
     else:
-        _elemt_stream(dy, x, dx, m_, a, b, c, stage)
+        _elemt_stream(dy, x, dx, m_, a, b, c, stage, y, dz, relu, wdz)
 
 
 # --- per-thread slices of the planes family ---------------------------------
@@ -832,34 +952,37 @@ def _planes_stats_range(x, lo, hi, C, I, st):
 
 
 @njit(**_jit)
-def _planes_dot_range(dy, x, lo, hi, C, I, mean, sd):
+def _planes_dot_range(dy, x, lo, hi, C, I, mean, sd, y, relu):
     pos = lo
     while pos < hi:
         p = pos // I
         a = pos - p * I
         b = I if hi - pos >= I - a else a + (hi - pos)
         c = p % C
-        _dot_run(dy[pos:pos + (b - a)], x[pos:pos + (b - a)], _ctype(x, mean[c]), sd, c,
-                 dy[:0], x[:0])
-        pos += b - a
+        n = b - a
+        _dot_run(dy[pos:pos + n], x[pos:pos + n], _ctype(x, mean[c]), sd, c, dy[:0], x[:0],
+                 y[pos:pos + n], relu)
+        pos += n
 
 
 @njit(**_jit)
-def _planes_affine_range(x, y, lo, hi, C, I, mean, scale, shift, stage):
-    """Normalize the flat slice [lo, hi) in memory order (not channel order)."""
+def _planes_affine_range(x, y, z, lo, hi, C, I, mean, scale, shift, stage, add, relu):
+    """Normalize the flat slice [lo, hi) in memory order (not channel order),
+    with the epilogue of the flags (see _affine)."""
     pos = lo
     while pos < hi:
         p = pos // I
         a = pos - p * I
         b = I if hi - pos >= I - a else a + (hi - pos)
         c = p % C
-        _affine_run(x[pos:pos + (b - a)], y[pos:pos + (b - a)], mean[c], scale[c], shift[c],
-                    stage)
-        pos += b - a
+        n = b - a
+        _affine_run(x[pos:pos + n], y[pos:pos + n], z[pos:pos + n], mean[c], scale[c],
+                    shift[c], stage, add, relu)
+        pos += n
 
 
 @njit(**_jit)
-def _planes_elemt_range(dy, x, dx, lo, hi, C, I, mean, kdy, kx, kc, stage):
+def _planes_elemt_range(dy, x, dx, lo, hi, C, I, mean, kdy, kx, kc, stage, y, dz, relu, wdz):
     pos = lo
     while pos < hi:
         p = pos // I
@@ -868,7 +991,7 @@ def _planes_elemt_range(dy, x, dx, lo, hi, C, I, mean, kdy, kx, kc, stage):
         c = p % C
         n = b - a
         _elemt_run(dy[pos:pos + n], x[pos:pos + n], dx[pos:pos + n], mean[c], kdy[c], kx[c],
-                   kc[c], stage)
+                   kc[c], stage, y[pos:pos + n], dz[pos:pos + n], relu, wdz)
         pos += n
 
 
@@ -996,9 +1119,10 @@ def _rows_stats_range(x, r0, r1, c0, c1, C, G, st, k, a1, a2, R):
 
 
 @njit(fastmath=_FM_ELEMT, **_jit)
-def _rows_dot_wide(dy, x, ld, R, w, m, sdy, sdyxmu, a1, a2):
+def _rows_dot_wide(dy, x, ld, R, w, m, sdy, sdyxmu, a1, a2, y, relu):
     """Rows backward sums, wide form (see _rows_stats_wide):
-    sdy += sum(dy), sdyxmu += sum(dy*(x - m)) over R rows x w channels."""
+    sdy += sum(g), sdyxmu += sum(g*(x - m)) over R rows x w channels, g = dy
+    masked by relu's gradient from y when relu (see _mask)."""
     for j in range(w):
         a1[j] = 0
         a2[j] = 0
@@ -1012,12 +1136,16 @@ def _rows_dot_wide(dy, x, ld, R, w, m, sdy, sdyxmu, a1, a2):
         x1 = x[(r + 1) * ld:(r + 1) * ld + w]
         x2 = x[(r + 2) * ld:(r + 2) * ld + w]
         x3 = x[(r + 3) * ld:(r + 3) * ld + w]
+        y0 = y[r * ld:r * ld + w]
+        y1 = y[(r + 1) * ld:(r + 1) * ld + w]
+        y2 = y[(r + 2) * ld:(r + 2) * ld + w]
+        y3 = y[(r + 3) * ld:(r + 3) * ld + w]
         for j in range(w):
             mj = m[j]
-            u0 = _load(g0, j)
-            u1 = _load(g1, j)
-            u2 = _load(g2, j)
-            u3 = _load(g3, j)
+            u0 = _mask(g0, y0, j, relu)
+            u1 = _mask(g1, y1, j, relu)
+            u2 = _mask(g2, y2, j, relu)
+            u3 = _mask(g3, y3, j, relu)
             a1[j] += (u0 + u1) + (u2 + u3)
             a2[j] += ((u0 * (_load(x0, j) - mj) + u1 * (_load(x1, j) - mj))
                       + (u2 * (_load(x2, j) - mj) + u3 * (_load(x3, j) - mj)))
@@ -1025,8 +1153,9 @@ def _rows_dot_wide(dy, x, ld, R, w, m, sdy, sdyxmu, a1, a2):
     while r < R:
         g0 = dy[r * ld:r * ld + w]
         x0 = x[r * ld:r * ld + w]
+        y0 = y[r * ld:r * ld + w]
         for j in range(w):
-            u0 = _load(g0, j)
+            u0 = _mask(g0, y0, j, relu)
             a1[j] += u0
             a2[j] += u0 * (_load(x0, j) - m[j])
         r += 1
@@ -1036,34 +1165,38 @@ def _rows_dot_wide(dy, x, ld, R, w, m, sdy, sdyxmu, a1, a2):
 
 
 @njit(**_jit)
-def _rows_dot_block(dy, x, ld, nrows, c0, c1, mean, sd, a1, a2, R):
+def _rows_dot_block(dy, x, ld, nrows, c0, c1, mean, sd, a1, a2, R, y, relu):
     r = 0
     while r < nrows:
         rt = R if nrows - r > R else nrows - r
         cb = c0
         while cb < c1:
             w = WIDE if c1 - cb > WIDE else c1 - cb
-            _rows_dot_wide(dy[r * ld + cb:], x[r * ld + cb:], ld, rt, w, mean[cb:cb + w],
-                           sd[0, cb:cb + w], sd[1, cb:cb + w], a1, a2)
+            at = r * ld + cb
+            _rows_dot_wide(dy[at:], x[at:], ld, rt, w, mean[cb:cb + w], sd[0, cb:cb + w],
+                           sd[1, cb:cb + w], a1, a2, y[at:], relu)
             cb += w
         r += rt
 
 
 @njit(**_jit)
-def _rows_dot_range(dy, x, r0, r1, c0, c1, C, G, mean, sd, a1, a2, R):
+def _rows_dot_range(dy, x, r0, r1, c0, c1, C, G, mean, sd, a1, a2, R, y, relu):
     """Backward sums of rows [r0, r1) x channels [c0, c1) into sd (2, S); G
     rows per virtual row as in _rows_stats_range (mean tiled G times), the
-    replicas summed into slot c at the end."""
+    replicas summed into slot c at the end. y, relu: see _rows_dot_wide."""
     if r1 <= r0 or c1 <= c0:
         return
     nv = (r1 - r0) // G
     if G == 1 or nv == 0:
-        _rows_dot_block(dy[r0 * C:], x[r0 * C:], C, r1 - r0, c0, c1, mean, sd, a1, a2, R)
+        _rows_dot_block(dy[r0 * C:], x[r0 * C:], C, r1 - r0, c0, c1, mean, sd, a1, a2, R,
+                        y[r0 * C:], relu)
         return
     V = G * C
-    _rows_dot_block(dy[r0 * C:], x[r0 * C:], V, nv, 0, V, mean, sd, a1, a2, R)
+    _rows_dot_block(dy[r0 * C:], x[r0 * C:], V, nv, 0, V, mean, sd, a1, a2, R, y[r0 * C:],
+                    relu)
     r = r0 + nv * G
-    _rows_dot_block(dy[r * C:], x[r * C:], C, r1 - r, 0, C, mean, sd, a1, a2, R)
+    _rows_dot_block(dy[r * C:], x[r * C:], C, r1 - r, 0, C, mean, sd, a1, a2, R, y[r * C:],
+                    relu)
     for c in range(C):
         for g in range(1, G):
             sd[0, c] += sd[0, g * C + c]
@@ -1071,68 +1204,73 @@ def _rows_dot_range(dy, x, r0, r1, c0, c1, C, G, mean, sd, a1, a2, R):
 
 
 @njit(fastmath=_FM_ELEMT, **_jit)
-def _rows_affine(x, y, m, s, b):
-    """One row (or part of one): y = (x - m)*s + b with per-column constants."""
+def _rows_affine(x, y, z, m, s, b, add, relu):
+    """One row (or part of one): y = act((x - m)*s + b [+ z]) with per-column
+    constants (see _affine)."""
     for j in range(x.shape[0]):
-        _store(y, j, (_load(x, j) - m[j]) * s[j] + b[j])
+        _store(y, j, _act((_load(x, j) - m[j]) * s[j] + b[j], z, j, add, relu))
 
 
 @njit(fastmath=_FM_ELEMT, **_jit)
-def _rows_elemt(dy, x, dx, m, kdy, kx, kc):
+def _rows_elemt(dy, x, dx, m, kdy, kx, kc, y, dz, relu, wdz):
+    """dx = kdy*g + (kx*(x - m) + kc) with per-column constants (see _elemt)."""
     for j in range(x.shape[0]):
-        _store(dx, j, kdy[j] * _load(dy, j) + (kx[j] * (_load(x, j) - m[j]) + kc[j]))
+        _store(dx, j, kdy[j] * _grad(dy, y, dz, j, relu, wdz) + (kx[j] * (_load(x, j) - m[j])
+                                                                 + kc[j]))
 
 
 @njit(**_jit)
-def _rows_affine_chunk(x, y, m, s, b, stage):
+def _rows_affine_chunk(x, y, z, m, s, b, stage, add, relu):
     if stage.shape[0] == 0:
-        _rows_affine(x, y, m, s, b)
+        _rows_affine(x, y, z, m, s, b, add, relu)
     else:
-        _rows_affine_stream(x, y, m, s, b, stage)
+        _rows_affine_stream(x, y, z, m, s, b, stage, add, relu)
 
 
 @njit(**_jit)
-def _rows_elemt_chunk(dy, x, dx, m, kdy, kx, kc, stage):
+def _rows_elemt_chunk(dy, x, dx, m, kdy, kx, kc, stage, y, dz, relu, wdz):
     if stage.shape[0] == 0:
-        _rows_elemt(dy, x, dx, m, kdy, kx, kc)
+        _rows_elemt(dy, x, dx, m, kdy, kx, kc, y, dz, relu, wdz)
     else:
-        _rows_elemt_stream(dy, x, dx, m, kdy, kx, kc, stage)
+        _rows_elemt_stream(dy, x, dx, m, kdy, kx, kc, stage, y, dz, relu, wdz)
 
 
 @njit(**_jit)
-def _rows_affine_range(x, y, lo, hi, C, P, m, s, b, stage):
-    """Normalize the flat slice [lo, hi) of an (O, C) array. The per-column
-    constants are tiled to a period P (a multiple of C, >= ROW_SPAN values),
-    so after finishing a partial first row the slice is walked in runs of up
-    to P values that start on a row boundary: long vectorised loops even with
-    few channels (the Cython kernel tiles the same way). stage as in
-    _affine_run."""
+def _rows_affine_range(x, y, z, lo, hi, C, P, m, s, b, stage, add, relu):
+    """Normalize the flat slice [lo, hi) of an (O, C) array, with the epilogue
+    of the flags (see _affine). The per-column constants are tiled to a period
+    P (a multiple of C, >= ROW_SPAN values), so after finishing a partial first
+    row the slice is walked in runs of up to P values that start on a row
+    boundary: long vectorised loops even with few channels (the Cython kernel
+    tiles the same way). stage as in _affine_run."""
     pos = lo
     j0 = pos % C
     if j0 != 0:
         n = min(C - j0, hi - pos)
-        _rows_affine_chunk(x[pos:pos + n], y[pos:pos + n], m[j0:j0 + n], s[j0:j0 + n],
-                           b[j0:j0 + n], stage)
+        _rows_affine_chunk(x[pos:pos + n], y[pos:pos + n], z[pos:pos + n], m[j0:j0 + n],
+                           s[j0:j0 + n], b[j0:j0 + n], stage, add, relu)
         pos += n
     while pos < hi:
         n = min(P, hi - pos)
-        _rows_affine_chunk(x[pos:pos + n], y[pos:pos + n], m[:n], s[:n], b[:n], stage)
+        _rows_affine_chunk(x[pos:pos + n], y[pos:pos + n], z[pos:pos + n], m[:n], s[:n], b[:n],
+                           stage, add, relu)
         pos += n
 
 
 @njit(**_jit)
-def _rows_elemt_range(dy, x, dx, lo, hi, C, P, m, kdy, kx, kc, stage):
+def _rows_elemt_range(dy, x, dx, lo, hi, C, P, m, kdy, kx, kc, stage, y, dz, relu, wdz):
     pos = lo
     j0 = pos % C
     if j0 != 0:
         n = min(C - j0, hi - pos)
         _rows_elemt_chunk(dy[pos:pos + n], x[pos:pos + n], dx[pos:pos + n], m[j0:j0 + n],
-                          kdy[j0:j0 + n], kx[j0:j0 + n], kc[j0:j0 + n], stage)
+                          kdy[j0:j0 + n], kx[j0:j0 + n], kc[j0:j0 + n], stage, y[pos:pos + n],
+                          dz[pos:pos + n], relu, wdz)
         pos += n
     while pos < hi:
         n = min(P, hi - pos)
         _rows_elemt_chunk(dy[pos:pos + n], x[pos:pos + n], dx[pos:pos + n], m[:n], kdy[:n],
-                          kx[:n], kc[:n], stage)
+                          kx[:n], kc[:n], stage, y[pos:pos + n], dz[pos:pos + n], relu, wdz)
         pos += n
 
 
@@ -1204,73 +1342,114 @@ def _stats_rows(x, C, G, T, st, k, a1, a2, R):
             _rows_stats_range(x, 0, O, c0, c1, C, 1, st[t], k[t], a1[t], a2[t], R)
 
 
-@njit(parallel=True, **_jit)
-def _normalize_planes(x, y, C, I, T, mean, scale, shift, stage):
-    N = x.shape[0]
-    for t in prange(T):
-        _planes_affine_range(x, y, _cut(N, t, T), _cut(N, t + 1, T), C, I, mean, scale, shift,
-                             stage[t])
-        if stage.shape[1] > 0:
-            _store_fence()
+# Each thread-team kernel is made by a factory from the epilogue flags, which the
+# kernel's body holds as constants: its callees see them as literal bools (see
+# _act). _by_flags keeps one dispatcher per combination of flags, compiled (or
+# loaded from the disk cache) on its first call; the plain kernel is the one with
+# every flag False, under the kernel's own name.
+
+def _by_flags(make, n_flags):
+    """{flags: make(*flags)} over every combination of n_flags bools."""
+    return {flags: make(*flags) for flags in itertools.product((False, True), repeat=n_flags)}
 
 
-@njit(parallel=True, **_jit)
-def _normalize_rows(x, y, C, P, T, mean, scale, shift, stage):
-    N = x.shape[0]
-    for t in prange(T):
-        _rows_affine_range(x, y, _cut(N, t, T), _cut(N, t + 1, T), C, P, mean, scale, shift,
-                           stage[t])
-        if stage.shape[1] > 0:
-            _store_fence()
+def _make_normalize_planes(add, relu):
+    @njit(parallel=True, **_jit)
+    def _normalize_planes(x, y, z, C, I, T, mean, scale, shift, stage):
+        N = x.shape[0]
+        for t in prange(T):
+            _planes_affine_range(x, y, z, _cut(N, t, T), _cut(N, t + 1, T), C, I, mean, scale,
+                                 shift, stage[t], add, relu)
+            if stage.shape[1] > 0:
+                _store_fence()
+    return _normalize_planes
 
 
-@njit(parallel=True, **_jit)
-def _backward_reduce_planes(dy, x, C, I, T, mean, sd):
-    N = x.shape[0]
-    for t in prange(T):
-        _planes_dot_range(dy, x, _cut(N, t, T), _cut(N, t + 1, T), C, I, mean, sd[t])
+def _make_normalize_rows(add, relu):
+    @njit(parallel=True, **_jit)
+    def _normalize_rows(x, y, z, C, P, T, mean, scale, shift, stage):
+        N = x.shape[0]
+        for t in prange(T):
+            _rows_affine_range(x, y, z, _cut(N, t, T), _cut(N, t + 1, T), C, P, mean, scale,
+                               shift, stage[t], add, relu)
+            if stage.shape[1] > 0:
+                _store_fence()
+    return _normalize_rows
 
 
-@njit(parallel=True, **_jit)
-def _backward_reduce_rows(dy, x, C, G, T, mean, sd, a1, a2, R):
-    O = x.shape[0] // C
-    by_rows = _split_rows(O, T)
-    blk = 16
-    for t in prange(T):
-        if by_rows:
-            _rows_dot_range(dy, x, _cut(O, t, T), _cut(O, t + 1, T), 0, C, C, G, mean, sd[t],
-                            a1[t], a2[t], R)
-        else:
-            c0 = _cut(C // blk, t, T) * blk
-            c1 = C if t == T - 1 else _cut(C // blk, t + 1, T) * blk
-            _rows_dot_range(dy, x, 0, O, c0, c1, C, 1, mean, sd[t], a1[t], a2[t], R)
+def _make_backward_reduce_planes(relu):
+    @njit(parallel=True, **_jit)
+    def _backward_reduce_planes(dy, x, C, I, T, mean, sd, y):
+        N = x.shape[0]
+        for t in prange(T):
+            _planes_dot_range(dy, x, _cut(N, t, T), _cut(N, t + 1, T), C, I, mean, sd[t], y,
+                              relu)
+    return _backward_reduce_planes
 
 
-@njit(parallel=True, **_jit)
-def _backward_elemt_planes(dy, x, dx, C, I, T, mean, kdy, kx, kc, stage):
-    N = x.shape[0]
-    for t in prange(T):
-        _planes_elemt_range(dy, x, dx, _cut(N, t, T), _cut(N, t + 1, T), C, I, mean, kdy, kx,
-                            kc, stage[t])
-        if stage.shape[1] > 0:
-            _store_fence()
+def _make_backward_reduce_rows(relu):
+    @njit(parallel=True, **_jit)
+    def _backward_reduce_rows(dy, x, C, G, T, mean, sd, a1, a2, R, y):
+        O = x.shape[0] // C
+        by_rows = _split_rows(O, T)
+        blk = 16
+        for t in prange(T):
+            if by_rows:
+                _rows_dot_range(dy, x, _cut(O, t, T), _cut(O, t + 1, T), 0, C, C, G, mean,
+                                sd[t], a1[t], a2[t], R, y, relu)
+            else:
+                c0 = _cut(C // blk, t, T) * blk
+                c1 = C if t == T - 1 else _cut(C // blk, t + 1, T) * blk
+                _rows_dot_range(dy, x, 0, O, c0, c1, C, 1, mean, sd[t], a1[t], a2[t], R, y,
+                                relu)
+    return _backward_reduce_rows
 
 
-@njit(parallel=True, **_jit)
-def _backward_elemt_rows(dy, x, dx, C, P, T, mean, kdy, kx, kc, stage):
-    N = x.shape[0]
-    for t in prange(T):
-        _rows_elemt_range(dy, x, dx, _cut(N, t, T), _cut(N, t + 1, T), C, P, mean, kdy, kx,
-                          kc, stage[t])
-        if stage.shape[1] > 0:
-            _store_fence()
+def _make_backward_elemt_planes(relu, wdz):
+    @njit(parallel=True, **_jit)
+    def _backward_elemt_planes(dy, x, dx, C, I, T, mean, kdy, kx, kc, stage, y, dz):
+        N = x.shape[0]
+        for t in prange(T):
+            _planes_elemt_range(dy, x, dx, _cut(N, t, T), _cut(N, t + 1, T), C, I, mean, kdy,
+                                kx, kc, stage[t], y, dz, relu, wdz)
+            if stage.shape[1] > 0:
+                _store_fence()
+    return _backward_elemt_planes
+
+
+def _make_backward_elemt_rows(relu, wdz):
+    @njit(parallel=True, **_jit)
+    def _backward_elemt_rows(dy, x, dx, C, P, T, mean, kdy, kx, kc, stage, y, dz):
+        N = x.shape[0]
+        for t in prange(T):
+            _rows_elemt_range(dy, x, dx, _cut(N, t, T), _cut(N, t + 1, T), C, P, mean, kdy, kx,
+                              kc, stage[t], y, dz, relu, wdz)
+            if stage.shape[1] > 0:
+                _store_fence()
+    return _backward_elemt_rows
+
+
+_NORMALIZE_PLANES = _by_flags(_make_normalize_planes, 2)         # by (add, relu)
+_NORMALIZE_ROWS = _by_flags(_make_normalize_rows, 2)
+_BACKWARD_REDUCE_PLANES = _by_flags(_make_backward_reduce_planes, 1)   # by (relu,)
+_BACKWARD_REDUCE_ROWS = _by_flags(_make_backward_reduce_rows, 1)
+_BACKWARD_ELEMT_PLANES = _by_flags(_make_backward_elemt_planes, 2)     # by (relu, wdz)
+_BACKWARD_ELEMT_ROWS = _by_flags(_make_backward_elemt_rows, 2)
+_normalize_planes = _NORMALIZE_PLANES[False, False]
+_normalize_rows = _NORMALIZE_ROWS[False, False]
+_backward_reduce_planes = _BACKWARD_REDUCE_PLANES[False,]
+_backward_reduce_rows = _BACKWARD_REDUCE_ROWS[False,]
+_backward_elemt_planes = _BACKWARD_ELEMT_PLANES[False, False]
+_backward_elemt_rows = _BACKWARD_ELEMT_ROWS[False, False]
 
 
 # --- fused per-channel paths ----------------------------------------------------
 
 @njit(**_jit)
-def _fused_forward_channel(x, y, O, C, I, c, weight, bias, eps, mean_out, m2_out, st, stage):
-    """Statistics of channel c, then its normalization while it is still in L2."""
+def _fused_forward_channel(x, y, z, O, C, I, c, weight, bias, eps, mean_out, m2_out, st, stage,
+                           add, relu):
+    """Statistics of channel c, then its normalization while it is still in L2,
+    with the epilogue of the flags (see _affine)."""
     st[0] = 0.0
     st[1] = 0.0
     st[2] = 0.0
@@ -1290,7 +1469,7 @@ def _fused_forward_channel(x, y, O, C, I, c, weight, bias, eps, mean_out, m2_out
     shift = bias[c] - (mean - np.float64(mean_s)) * scale
     for o in range(O):
         p = (o * C + c) * I
-        _affine_run(x[p:p + I], y[p:p + I], mean_s, scale, shift, stage)
+        _affine_run(x[p:p + I], y[p:p + I], z[p:p + I], mean_s, scale, shift, stage, add, relu)
     mean_out[c] = mean_s
     m2_out[c] = st[3]
 
@@ -1308,7 +1487,7 @@ def _fused_backward_channel(dy, x, dx, O, C, I, c, mean, invstd, weight, sdy_out
         p = (o * C + c) * I
         q = p + C * I if o + 1 < O else p
         _dot_run(dy[p:p + I], x[p:p + I], m, sd, 0, dy[q:q + I] if o + 1 < O else dy[:0],
-                 x[q:q + I] if o + 1 < O else x[:0])
+                 x[q:q + I] if o + 1 < O else x[:0], dy[p:p + I], False)
     sdy = sd[0, 0]
     sdyx = sd[1, 0]
     w_is = weight[c] * istd
@@ -1318,19 +1497,27 @@ def _fused_backward_channel(dy, x, dx, O, C, I, c, mean, invstd, weight, sdy_out
     for o in range(O):
         p = (o * C + c) * I
         _elemt_run(dy[p:p + I], x[p:p + I], dx[p:p + I], m, _ctype(sdy_out, kdy),
-                   _ctype(sdy_out, kx), _ctype(sdy_out, kc), stage)
+                   _ctype(sdy_out, kx), _ctype(sdy_out, kc), stage, dy[p:p + I], dx[p:p + I],
+                   False, False)
     sdy_out[c] = sdy
     sdyx_out[c] = sdyx
 
 
-@njit(parallel=True, **_jit)
-def _forward_train_fused(x, y, O, C, I, T, weight, bias, eps, mean_out, m2_out, st, stage):
-    for t in prange(T):
-        for c in range(_cut(C, t, T), _cut(C, t + 1, T)):
-            _fused_forward_channel(x, y, O, C, I, c, weight, bias, eps, mean_out, m2_out,
-                                   st[t], stage[t])
-        if stage.shape[1] > 0:
-            _store_fence()
+def _make_forward_train_fused(add, relu):
+    @njit(parallel=True, **_jit)
+    def _forward_train_fused(x, y, z, O, C, I, T, weight, bias, eps, mean_out, m2_out, st,
+                             stage):
+        for t in prange(T):
+            for c in range(_cut(C, t, T), _cut(C, t + 1, T)):
+                _fused_forward_channel(x, y, z, O, C, I, c, weight, bias, eps, mean_out, m2_out,
+                                       st[t], stage[t], add, relu)
+            if stage.shape[1] > 0:
+                _store_fence()
+    return _forward_train_fused
+
+
+_FORWARD_TRAIN_FUSED = _by_flags(_make_forward_train_fused, 2)   # by (add, relu)
+_forward_train_fused = _FORWARD_TRAIN_FUSED[False, False]
 
 
 @njit(parallel=True, **_jit)
@@ -1481,19 +1668,30 @@ def _stats64(x, n_threads):
 def normalize(x, mean, scale, shift, y, n_threads=1):
     """Write ``y = (x - mean)*scale + shift`` (per-channel vectors broadcast);
     threads take contiguous slices in memory order. ``y`` may be ``x``."""
+    normalize_epilogue(x, mean, scale, shift, None, False, y, n_threads)
+
+
+def normalize_epilogue(x, mean, scale, shift, z, relu, y, n_threads=1):
+    """Write ``y = act((x - mean)*scale + shift [+ z])``, computed in the
+    compute type and rounded once: ``z`` (like ``x``) added when not None, then
+    relu (0 where negative, NaN stays NaN) when ``relu``; in the same single
+    pass as :func:`normalize`. ``y`` may be ``x`` or ``z``."""
     O, C, I = x.shape
     N = O * C * I
     if N == 0:
         return
-    T = _team(N, n_threads)
+    add = z is not None
+    T = _team((2 if add else 1) * N, n_threads)
     _use_threads(T)
     stage = _stage(y, T)
+    zf = _flat(z if add else x)
+    relu = bool(relu)
     if I > 1:
-        _normalize_planes(_flat(x), _flat(y), C, I, T, mean, scale, shift, stage)
+        _NORMALIZE_PLANES[add, relu](_flat(x), _flat(y), zf, C, I, T, mean, scale, shift, stage)
     else:
         P = _period(C)
-        _normalize_rows(_flat(x), _flat(y), C, P, T, _expand(mean, P), _expand(scale, P),
-                        _expand(shift, P), stage)
+        _NORMALIZE_ROWS[add, relu](_flat(x), _flat(y), zf, C, P, T, _expand(mean, P),
+                                   _expand(scale, P), _expand(shift, P), stage)
 
 
 def backward_reduce(dy, x, mean, n_threads=1):
@@ -1506,6 +1704,21 @@ def backward_reduce(dy, x, mean, n_threads=1):
     -------
     (sum_dy, sum_dy_xmu) : two (C,) arrays of the stat dtype.
     """
+    return _backward_reduce(dy, None, x, mean, n_threads)
+
+
+def backward_reduce_relu(dy, y, x, mean, n_threads=1):
+    """:func:`backward_reduce` of ``g = dy where y > 0, else 0`` (the gradient
+    through a relu whose output was ``y``), in one read of (dy, y, x).
+
+    Returns
+    -------
+    (sum_g, sum_g_xmu) : two (C,) arrays of the stat dtype.
+    """
+    return _backward_reduce(dy, y, x, mean, n_threads)
+
+
+def _backward_reduce(dy, y, x, mean, n_threads):
     O, C, I = x.shape
     N = O * C * I
     dt = _stat_dtype(x)
@@ -1513,38 +1726,56 @@ def backward_reduce(dy, x, mean, n_threads=1):
     sum_dy_xmu = np.zeros(C, dtype=dt)
     if N == 0:
         return sum_dy, sum_dy_xmu
-    T = _team(2 * N, n_threads)
+    relu = y is not None
+    T = _team((3 if relu else 2) * N, n_threads)
     _use_threads(T)
+    yf = _flat(y if relu else dy)
     if I > 1:
         sd = np.zeros((T, 2, C), dtype=np.float64)
-        _backward_reduce_planes(_flat(dy), _flat(x), C, I, T, mean, sd)
+        _BACKWARD_REDUCE_PLANES[relu,](_flat(dy), _flat(x), C, I, T, mean, sd, yf)
     else:
         G = _replicas(O, C, T)
         sd = np.zeros((T, 2, G * C), dtype=np.float64)
         a1 = np.empty((T, WIDE), dtype=dt)
         a2 = np.empty((T, WIDE), dtype=dt)
-        _backward_reduce_rows(_flat(dy), _flat(x), C, G, T, _expand(mean, G * C), sd, a1, a2,
-                              ROW_TILE)
+        _BACKWARD_REDUCE_ROWS[relu,](_flat(dy), _flat(x), C, G, T, _expand(mean, G * C), sd,
+                                     a1, a2, ROW_TILE, yf)
     _merge_sums(sd, T, C, sum_dy, sum_dy_xmu)
     return sum_dy, sum_dy_xmu
 
 
 def backward_elemt(dy, x, mean, k_dy, k_x, k_c, dx, n_threads=1):
     """Write ``dx = k_dy*dy + k_x*(x - mean) + k_c`` (per-channel vectors broadcast)."""
+    _backward_elemt(dy, None, x, mean, k_dy, k_x, k_c, None, dx, n_threads)
+
+
+def backward_elemt_relu(dy, y, x, mean, k_dy, k_x, k_c, dz, dx, n_threads=1):
+    """:func:`backward_elemt` of ``g = dy where y > 0, else 0`` (see
+    :func:`backward_reduce_relu`), also writing ``dz = g`` when ``dz`` is not
+    None, in the same pass."""
+    _backward_elemt(dy, y, x, mean, k_dy, k_x, k_c, dz, dx, n_threads)
+
+
+def _backward_elemt(dy, y, x, mean, k_dy, k_x, k_c, dz, dx, n_threads):
     O, C, I = x.shape
     N = O * C * I
     if N == 0:
         return
-    T = _team(2 * N, n_threads)
+    relu = y is not None
+    wdz = dz is not None
+    T = _team((2 + relu + wdz) * N, n_threads)
     _use_threads(T)
     stage = _stage(dx, T)
+    yf = _flat(y if relu else dy)
+    dzf = _flat(dz if wdz else dx)
     if I > 1:
-        _backward_elemt_planes(_flat(dy), _flat(x), _flat(dx), C, I, T, mean, k_dy, k_x, k_c,
-                               stage)
+        _BACKWARD_ELEMT_PLANES[relu, wdz](_flat(dy), _flat(x), _flat(dx), C, I, T, mean, k_dy,
+                                          k_x, k_c, stage, yf, dzf)
     else:
         P = _period(C)
-        _backward_elemt_rows(_flat(dy), _flat(x), _flat(dx), C, P, T, _expand(mean, P),
-                             _expand(k_dy, P), _expand(k_x, P), _expand(k_c, P), stage)
+        _BACKWARD_ELEMT_ROWS[relu, wdz](_flat(dy), _flat(x), _flat(dx), C, P, T,
+                                        _expand(mean, P), _expand(k_dy, P), _expand(k_x, P),
+                                        _expand(k_c, P), stage, yf, dzf)
 
 
 def forward_train(x, weight, bias, eps, y, n_threads=1):
@@ -1553,6 +1784,17 @@ def forward_train(x, weight, bias, eps, y, n_threads=1):
 
     Fused per channel (the second read comes from L2) when a channel is small
     enough; otherwise the stats kernel then the normalize kernel.
+
+    Returns
+    -------
+    (mean, m2) : as :func:`stats`.
+    """
+    return forward_train_epilogue(x, weight, bias, eps, None, False, y, n_threads)
+
+
+def forward_train_epilogue(x, weight, bias, eps, z, relu, y, n_threads=1):
+    """:func:`forward_train` with the epilogue of :func:`normalize_epilogue`
+    applied as ``y`` is written: the same passes over ``x``, one read of ``z``.
 
     Returns
     -------
@@ -1568,14 +1810,15 @@ def forward_train(x, weight, bias, eps, y, n_threads=1):
         scale = np.empty(C, dtype=dt)
         shift = np.empty(C, dtype=dt)
         _fold_forward(mean64, m2_64, mean, weight, bias, float(eps), float(O * I), scale, shift)
-        normalize(x, mean, scale, shift, y, n_threads)
+        normalize_epilogue(x, mean, scale, shift, z, relu, y, n_threads)
         return mean, m2_64.astype(dt)
     mean = np.empty(C, dtype=dt)
     m2 = np.empty(C, dtype=dt)
     _use_threads(T)
     st = np.zeros((T, 4), dtype=np.float64)
-    _forward_train_fused(_flat(x), _flat(y), O, C, I, T, weight, bias, float(eps), mean, m2, st,
-                         _stage(y, T))
+    add = z is not None
+    _FORWARD_TRAIN_FUSED[add, bool(relu)](_flat(x), _flat(y), _flat(z if add else x), O, C, I, T,
+                                          weight, bias, float(eps), mean, m2, st, _stage(y, T))
     return mean, m2
 
 
