@@ -10,7 +10,7 @@ instead of breaking ``import fastbn``.
 import numpy as np
 
 from .._registry import Backend
-from .._threads import get_num_threads
+from .._threads import threads_for
 
 _module = None
 
@@ -37,15 +37,25 @@ def _opt_bits(a):
 
 
 def _bf16(a):
-    """The kernels' ``bf16`` flag: True when the data is bfloat16 (not float16)."""
-    return a.dtype.name == "bfloat16"
+    """The kernels' ``bf16`` flag: True when the data is bfloat16 (not float16).
+    (``dtype.name`` is a slow property: read only for 16-bit data.)"""
+    dt = a.dtype
+    return dt.itemsize == 2 and dt.name == "bfloat16"
+
+
+def _threads(x3, arrays):
+    """Threads for a kernel call that reads ``arrays`` arrays like x3: see
+    fastbn._threads.threads_for."""
+    return threads_for(x3.nbytes * arrays)
 
 
 class CythonBackend(Backend):
     """Cython + OpenMP kernels for float16/bfloat16/float32/float64 on the CPU.
 
-    Kernels run with ``fastbn.get_num_threads()`` threads, read at each call,
-    and release the GIL for the whole computation. The fused training paths
+    Kernels run with ``fastbn.get_num_threads()`` threads, read at each call and
+    capped for small inputs (``fastbn._threads.threads_for``: at least
+    ``MIN_BYTES_PER_THREAD`` read per thread), and release the GIL for the whole
+    computation. The fused training paths
     pick per call between a per-channel fused loop (a channel's data re-read
     from L2) and the two-kernel composition; both give the same results within
     rounding.
@@ -65,52 +75,53 @@ class CythonBackend(Backend):
         return True, ""
 
     def stats(self, x3):
-        return _kernels().stats(_bits(x3), get_num_threads(), _bf16(x3))
+        return _kernels().stats(_bits(x3), _threads(x3, 1), _bf16(x3))
 
     def normalize(self, x3, mean, scale, shift, y3):
-        _kernels().normalize(_bits(x3), mean, scale, shift, _bits(y3), get_num_threads(),
+        _kernels().normalize(_bits(x3), mean, scale, shift, _bits(y3), _threads(x3, 1),
                              _bf16(x3))
 
     def backward_reduce(self, dy3, x3, mean):
-        return _kernels().backward_reduce(_bits(dy3), _bits(x3), mean, get_num_threads(),
+        return _kernels().backward_reduce(_bits(dy3), _bits(x3), mean, _threads(x3, 2),
                                           _bf16(x3))
 
     def backward_elemt(self, dy3, x3, mean, k_dy, k_x, k_c, dx3):
         _kernels().backward_elemt(_bits(dy3), _bits(x3), mean, k_dy, k_x, k_c, _bits(dx3),
-                                  get_num_threads(), _bf16(x3))
+                                  _threads(x3, 2), _bf16(x3))
 
     def forward_train(self, x3, weight, bias, eps, y3):
         return _kernels().forward_train(_bits(x3), weight, bias, float(eps), _bits(y3),
-                                        get_num_threads(), _bf16(x3))
+                                        _threads(x3, 1), _bf16(x3))
 
     def backward_train(self, dy3, x3, mean, invstd, weight, dx3):
         return _kernels().backward_train(_bits(dy3), _bits(x3), mean, invstd, weight,
-                                         _bits(dx3), get_num_threads(), _bf16(x3))
+                                         _bits(dx3), _threads(x3, 2), _bf16(x3))
 
     # Epilogues (see fastbn._registry.Backend): the kernels above with their optional
     # arrays (z: residual, ys: saved output for the relu mask, dz: residual's gradient)
     # and relu flag; None passes through (the kernels then read and write nothing more).
 
     def normalize_epilogue(self, x3, mean, scale, shift, z3, relu, y3):
-        _kernels().normalize(_bits(x3), mean, scale, shift, _bits(y3), get_num_threads(),
-                             _bf16(x3), _opt_bits(z3), bool(relu))
+        _kernels().normalize(_bits(x3), mean, scale, shift, _bits(y3),
+                             _threads(x3, 1 if z3 is None else 2), _bf16(x3), _opt_bits(z3),
+                             bool(relu))
 
     def forward_train_epilogue(self, x3, weight, bias, eps, z3, relu, y3):
         return _kernels().forward_train(_bits(x3), weight, bias, float(eps), _bits(y3),
-                                        get_num_threads(), _bf16(x3), _opt_bits(z3),
-                                        bool(relu))
+                                        _threads(x3, 1 if z3 is None else 2), _bf16(x3),
+                                        _opt_bits(z3), bool(relu))
 
     def backward_reduce_relu(self, dy3, y3, x3, mean):
-        return _kernels().backward_reduce(_bits(dy3), _bits(x3), mean, get_num_threads(),
+        return _kernels().backward_reduce(_bits(dy3), _bits(x3), mean, _threads(x3, 3),
                                           _bf16(x3), _bits(y3))
 
     def backward_elemt_relu(self, dy3, y3, x3, mean, k_dy, k_x, k_c, dz3, dx3):
         _kernels().backward_elemt(_bits(dy3), _bits(x3), mean, k_dy, k_x, k_c, _bits(dx3),
-                                  get_num_threads(), _bf16(x3), _bits(y3), _opt_bits(dz3))
+                                  _threads(x3, 3), _bf16(x3), _bits(y3), _opt_bits(dz3))
 
     def backward_train_relu(self, dy3, y3, x3, mean, invstd, weight, dz3, dx3):
         return _kernels().backward_train(_bits(dy3), _bits(x3), mean, invstd, weight,
-                                         _bits(dx3), get_num_threads(), _bf16(x3), _bits(y3),
+                                         _bits(dx3), _threads(x3, 3), _bf16(x3), _bits(y3),
                                          _opt_bits(dz3))
 
 

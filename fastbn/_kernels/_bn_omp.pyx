@@ -47,6 +47,7 @@ from libc.math cimport sqrt
 from cython cimport floating
 from libc.stdint cimport uint16_t, uintptr_t
 from libc.string cimport memcpy
+from libc.stdlib cimport malloc, calloc, free
 
 cdef extern from "_omp_compat.h":
     int FASTBN_OPENMP
@@ -703,47 +704,59 @@ cdef void _rows_elemt_range(const data_t *dy, const data_t *x, data_t *dx, Py_ss
 
 # --- merging per-thread partials ----------------------------------------------
 
-cdef void _merge_stats(double[:, :, ::1] st, int T, double[::1] mean_out,  # IN, _, OUT
-                       double[::1] m2_out) noexcept nogil:                  # OUT
+cdef void _merge_stats(const double *st, int T, Py_ssize_t C,  # IN: (T, 4, C)
+                       double[::1] mean_out, double[::1] m2_out) noexcept nogil:  # OUT
     """Merge the per-thread (cnt, K, S1, S2) states (Chan, in thread order,
     means kept as offsets from the first thread's anchor: anchors are close,
     their difference exact)."""
-    cdef Py_ssize_t c, C = st.shape[2]
+    cdef Py_ssize_t c
     cdef int t
     cdef double cnt, a, off, m2, n_t, m2_t
+    cdef const double *s
     for c in range(C):
         cnt = 0
         a = 0
         off = 0
         m2 = 0
         for t in range(T):
-            n_t = st[t, 0, c]
+            s = st + t * 4 * C + c
+            n_t = s[0]
             if n_t == 0:
                 continue
             if cnt == 0:
-                a = st[t, 1, c]
-            m2_t = st[t, 3, c] - st[t, 2, c] * st[t, 2, c] / n_t
+                a = s[C]
+            m2_t = s[3 * C] - s[2 * C] * s[2 * C] / n_t
             # clamp rounding below 0 only: NaN (a NaN or inf in the channel)
             # must pass through, never become 0 (`m2_t > 0` is false for NaN)
-            fbn_chan_merge(&cnt, &off, &m2, n_t, (st[t, 1, c] - a) + st[t, 2, c] / n_t,
+            fbn_chan_merge(&cnt, &off, &m2, n_t, (s[C] - a) + s[2 * C] / n_t,
                            0.0 if m2_t < 0 else m2_t)
         mean_out[c] = a + off
         m2_out[c] = m2
 
 
-cdef void _merge_sums(double[:, :, ::1] st, int T, stat_t[::1] a_out,  # IN, _, OUT
-                      stat_t[::1] b_out) noexcept nogil:               # OUT
-    cdef Py_ssize_t c, C = st.shape[2]
+cdef void _merge_sums(const double *st, int T, Py_ssize_t C,          # IN: (T, 2, C)
+                      stat_t *a_out, stat_t *b_out) noexcept nogil:  # OUT
+    cdef Py_ssize_t c
     cdef int t
     cdef double a, b
     for c in range(C):
         a = 0
         b = 0
         for t in range(T):
-            a += st[t, 0, c]
-            b += st[t, 1, c]
+            a += st[t * 2 * C + c]
+            b += st[(t * 2 + 1) * C + c]
         a_out[c] = <stat_t>a
         b_out[c] = <stat_t>b
+
+
+cdef float *_scratch_c(int T, Py_ssize_t per_thread, Py_ssize_t *ss) except NULL:
+    """_scratch's float32 staging for 16-bit data, malloc'ed (the caller frees it):
+    T rows of ss[0] floats."""
+    ss[0] = max(per_thread, 3 * TILE)
+    cdef float *p = <float *>malloc(<size_t>(T * ss[0]) * sizeof(float))
+    if p == NULL:
+        raise MemoryError()
+    return p
 
 
 def _scratch(data_kind, int T, Py_ssize_t per_thread):
@@ -771,6 +784,33 @@ cdef inline Py_ssize_t _pf_rows(Py_ssize_t C, Py_ssize_t row_bytes_per_ch) noexc
 cdef inline bint _split_rows(Py_ssize_t O, int T) noexcept nogil:
     """Rows family: split the rows across threads (else the channels)."""
     return O >= 16 * T
+
+
+cdef inline Py_ssize_t _period(Py_ssize_t C) noexcept nogil:
+    """The period of the rows kernels' tiled constants (see _expand)."""
+    cdef Py_ssize_t P = C
+    while P % 4 != 0 or P < 64:
+        P += C
+    return P
+
+
+cdef stat_t *_tiled(int k, const stat_t[::1] a, const stat_t[::1] b, const stat_t[::1] c,
+                    const stat_t[::1] d, Py_ssize_t C, Py_ssize_t P) except NULL:
+    """The first k of (a, b, c, d) tiled to period P as _expand does, in one malloc'ed
+    block of k rows of P + 16 (the caller frees it): no numpy calls, for the per-call
+    cost of small inputs."""
+    cdef Py_ssize_t L = P + 16, i, j = 0
+    cdef stat_t *cb = <stat_t *>malloc(<size_t>(k * L) * sizeof(stat_t))
+    if cb == NULL:
+        raise MemoryError()
+    for i in range(L):
+        cb[i] = a[j]
+        cb[L + i] = b[j]
+        cb[2 * L + i] = c[j]
+        if k > 3:
+            cb[3 * L + i] = d[j]
+        j = j + 1 if j + 1 < C else 0
+    return cb
 
 
 def _expand(v, Py_ssize_t C):
@@ -810,53 +850,68 @@ def stats(const data_t[:, :, ::1] x, int n_threads=1, bint bf16=False):  # IN
 
 def _stats64(const data_t[:, :, ::1] x, int n_threads, bint bf16):  # IN
     """stats() with float64 results (forward_train folds with the exact mean)."""
-    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
-    cdef Py_ssize_t N = O * C * I, R = _row_tile(C), c0, c1, blk
-    cdef int T = _team(N, n_threads), t
-    cdef bint by_rows = _split_rows(O, T)
+    cdef Py_ssize_t C = x.shape[1]
     if bf16 and data_t is not uint16_t:
         raise TypeError(_BF16_DATA)
     mean = np.empty(C, dtype=np.float64)
     m2 = np.empty(C, dtype=np.float64)
-    if N == 0:
+    if x.shape[0] * C * x.shape[2] == 0:
         mean.fill(np.nan)
         m2.fill(0)
         return mean, m2
-    if data_t is double:
-        kdt = np.float64
-    else:
-        kdt = np.float32
-    cdef double[:, :, ::1] st = np.zeros((T, 4, C), dtype=np.float64)
-    cdef float[:, ::1] scr
-    k_arr = np.empty((T, C), dtype=kdt)
-    cdef char *kbuf = <char *><uintptr_t>k_arr.ctypes.data
-    cdef Py_ssize_t kstride = C * k_arr.itemsize
-    cdef const data_t *xp = &x[0, 0, 0]
-    if I > 1:
-        scr = _scratch(_kind_of(x), T, TILE)
-        with nogil:
-            for t in prange(T, schedule='static', num_threads=T):
-                _planes_stats_range(xp, _cut(N, t, T), _cut(N, t + 1, T), C, I,
-                                    &st[t, 0, 0], &scr[t, 0], bf16)
-    else:
-        if _kind_of(x) == "float16" and R * C > 1 << 20:
-            R = max(1, (1 << 20) // C)
-        scr = _scratch(_kind_of(x), T, R * C)
-        blk = 16   # channel-split granularity: 64-byte boundaries for float32
-        with nogil:
-            for t in prange(T, schedule='static', num_threads=T):
-                if by_rows:
-                    _rows_stats_range(xp, _cut(O, t, T), _cut(O, t + 1, T), 0, C, C,
-                                      &st[t, 0, 0], kbuf + t * kstride, &scr[t, 0], R, bf16)
-                else:
-                    c0 = _cut(C // blk, t, T) * blk
-                    c1 = C if t == T - 1 else _cut(C // blk, t + 1, T) * blk
-                    _rows_stats_range(xp, 0, O, c0, c1, C, &st[t, 0, 0],
-                                      kbuf + t * kstride, &scr[t, 0], R, bf16)
     cdef double[::1] mean_v = mean, m2_v = m2
-    with nogil:
-        _merge_stats(st, T, mean_v, m2_v)
+    _stats64_c(x, n_threads, bf16, mean_v, m2_v)
     return mean, m2
+
+
+cdef int _stats64_c(const data_t[:, :, ::1] x, int n_threads, bint bf16,
+                    double[::1] mean_v, double[::1] m2_v) except -1:
+    """_stats64 into mean_v, m2_v (N > 0); its workspace malloc'ed (no numpy calls
+    on the small-input path)."""
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t N = O * C * I, R = _row_tile(C), c0, c1, blk
+    cdef int T = _team(N, n_threads), t
+    cdef bint by_rows = _split_rows(O, T)
+    cdef float *sp = NULL
+    cdef Py_ssize_t ss = 0
+    cdef Py_ssize_t kstride = C * (sizeof(double) if data_t is double else sizeof(float))
+    cdef double *st = <double *>calloc(<size_t>(T * 4 * C), sizeof(double))
+    cdef char *kbuf = <char *>malloc(<size_t>(T * kstride))
+    cdef const data_t *xp = &x[0, 0, 0]
+    try:
+        if st == NULL or kbuf == NULL:
+            raise MemoryError()
+        if I > 1:
+            if data_t is uint16_t:
+                sp = _scratch_c(T, TILE, &ss)
+            with nogil:
+                for t in prange(T, schedule='static', num_threads=T):
+                    _planes_stats_range(xp, _cut(N, t, T), _cut(N, t + 1, T), C, I,
+                                        st + t * 4 * C, sp + t * ss, bf16)
+        else:
+            if data_t is uint16_t:
+                if R * C > 1 << 20:
+                    R = max(1, (1 << 20) // C)
+                sp = _scratch_c(T, R * C, &ss)
+            blk = 16   # channel-split granularity: 64-byte boundaries for float32
+            with nogil:
+                for t in prange(T, schedule='static', num_threads=T):
+                    if by_rows:
+                        _rows_stats_range(xp, _cut(O, t, T), _cut(O, t + 1, T), 0, C, C,
+                                          st + t * 4 * C, kbuf + t * kstride, sp + t * ss, R,
+                                          bf16)
+                    else:
+                        c0 = _cut(C // blk, t, T) * blk
+                        c1 = C if t == T - 1 else _cut(C // blk, t + 1, T) * blk
+                        _rows_stats_range(xp, 0, O, c0, c1, C, st + t * 4 * C,
+                                          kbuf + t * kstride, sp + t * ss, R, bf16)
+        with nogil:
+            _merge_stats(st, T, C, mean_v, m2_v)
+    finally:
+        free(st)
+        free(kbuf)
+        free(sp)
+    return 0
 
 
 cdef int _optional(object a, const data_t[:, :, ::1] like, str name, bint writable,
@@ -906,10 +961,7 @@ def normalize(const data_t[:, :, ::1] x,      # IN
     Threads take contiguous slices in memory order. Streaming stores when y is
     large, 64-byte aligned and already touched (see fbn_should_stream)."""
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
-    cdef Py_ssize_t N = O * C * I, P = C
-    cdef int T = _team(N, n_threads), t
-    cdef int stream
-    cdef float[:, ::1] scr
+    cdef Py_ssize_t N = O * C * I
     if data_t is double:
         if stat_t is float:
             raise TypeError("mean, scale, shift: expected float64 for float64 data, "
@@ -923,25 +975,44 @@ def normalize(const data_t[:, :, ::1] x,      # IN
         return
     cdef data_t *zp
     _optional(z, x, "z", False, &zp)
-    stream = fbn_should_stream(&y[0, 0, 0], <size_t>N * sizeof(data_t))
-    scr = _scratch("float16" if data_t is uint16_t else "", T, TILE)
+    _normalize_c(x, mean, scale, shift, y, n_threads, bf16, zp, relu)
+
+
+cdef int _normalize_c(const data_t[:, :, ::1] x, const stat_t[::1] mean,
+                      const stat_t[::1] scale, const stat_t[::1] shift, data_t[:, :, ::1] y,
+                      int n_threads, bint bf16, const data_t *zp, bint relu) except -1:
+    """normalize() once its arguments are checked (N > 0): also the second step of
+    forward_train's composed path, called without going through Python."""
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t N = O * C * I, P, L
+    cdef int T = _team(N, n_threads), t
+    cdef int stream = fbn_should_stream(&y[0, 0, 0], <size_t>N * sizeof(data_t))
+    cdef float *sp = NULL
+    cdef Py_ssize_t ss = 0
+    cdef stat_t *cb = NULL
     cdef const data_t *xp = &x[0, 0, 0]
     cdef data_t *yp = &y[0, 0, 0]
-    cdef const stat_t[::1] me, sc, sh
-    if I > 1:
+    try:
+        if data_t is uint16_t:
+            sp = _scratch_c(T, TILE, &ss)
+        if I > 1:
+            with nogil:
+                for t in prange(T, schedule='static', num_threads=T):
+                    _planes_affine_range(xp, yp, _cut(N, t, T), _cut(N, t + 1, T), C, I,
+                                         &mean[0], &scale[0], &shift[0], stream, sp + t * ss,
+                                         bf16, zp, relu)
+            return 0
+        P = _period(C)
+        L = P + 16
+        cb = _tiled(3, mean, scale, shift, shift, C, P)
         with nogil:
             for t in prange(T, schedule='static', num_threads=T):
-                _planes_affine_range(xp, yp, _cut(N, t, T), _cut(N, t + 1, T), C, I,
-                                     &mean[0], &scale[0], &shift[0], stream, &scr[t, 0], bf16,
-                                     zp, relu)
-    else:
-        me, P = _expand(np.asarray(mean), C)
-        sc, _ = _expand(np.asarray(scale), C)
-        sh, _ = _expand(np.asarray(shift), C)
-        with nogil:
-            for t in prange(T, schedule='static', num_threads=T):
-                _rows_affine_range(xp, yp, _cut(N, t, T), _cut(N, t + 1, T), P,
-                                   &me[0], &sc[0], &sh[0], stream, &scr[t, 0], bf16, zp, relu)
+                _rows_affine_range(xp, yp, _cut(N, t, T), _cut(N, t + 1, T), P, cb, cb + L,
+                                   cb + 2 * L, stream, sp + t * ss, bf16, zp, relu)
+    finally:
+        free(cb)
+        free(sp)
+    return 0
 
 
 def backward_reduce(const data_t[:, :, ::1] dy,   # IN
@@ -962,10 +1033,7 @@ def backward_reduce(const data_t[:, :, ::1] dy,   # IN
     (sum_dy, sum_dy_xmu) : two (C,) arrays of the stat dtype.
     """
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
-    cdef Py_ssize_t N = O * C * I, R = _row_tile(C), c0, c1, blk
-    cdef int T = _team(2 * N, n_threads), t
-    cdef bint by_rows = _split_rows(O, T)
-    cdef float[:, ::1] scr
+    cdef Py_ssize_t N = O * C * I
     if data_t is double:
         if stat_t is float:
             raise TypeError("mean: expected float64 for float64 data, "
@@ -983,39 +1051,61 @@ def backward_reduce(const data_t[:, :, ::1] dy,   # IN
     sum_dy_xmu = np.zeros(C, dtype=dt)
     if N == 0:
         return sum_dy, sum_dy_xmu
-    cdef double[:, :, ::1] st = np.zeros((T, 2, C), dtype=np.float64)
+    cdef data_t *yp
+    _optional(ys, x, "ys", False, &yp)
+    cdef stat_t[::1] a_v = sum_dy, b_v = sum_dy_xmu
+    _backward_reduce_c(dy, x, mean, n_threads, bf16, yp, &a_v[0], &b_v[0])
+    return sum_dy, sum_dy_xmu
+
+
+cdef int _backward_reduce_c(const data_t[:, :, ::1] dy, const data_t[:, :, ::1] x,
+                            const stat_t[::1] mean, int n_threads, bint bf16,
+                            const data_t *yp, stat_t *a_out, stat_t *b_out) except -1:
+    """backward_reduce() once its arguments are checked (N > 0), into a_out, b_out."""
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t N = O * C * I, R = _row_tile(C), c0, c1, blk
+    cdef int T = _team(2 * N, n_threads), t
+    cdef bint by_rows = _split_rows(O, T)
+    cdef float *sp = NULL
+    cdef Py_ssize_t ss = 0
+    cdef double *st = <double *>calloc(<size_t>(T * 2 * C), sizeof(double))
     cdef const data_t *gp = &dy[0, 0, 0]
     cdef const data_t *xp = &x[0, 0, 0]
     cdef const stat_t *mp = &mean[0]
-    cdef data_t *yp
-    _optional(ys, x, "ys", False, &yp)
-    if I > 1:
-        scr = _scratch("float16" if data_t is uint16_t else "", T, 3 * TILE)
+    if st == NULL:
+        raise MemoryError()
+    try:
+        if I > 1:
+            if data_t is uint16_t:
+                sp = _scratch_c(T, 3 * TILE, &ss)
+            with nogil:
+                for t in prange(T, schedule='static', num_threads=T):
+                    _planes_dot_range(gp, xp, _cut(N, t, T), _cut(N, t + 1, T), C, I, mp,
+                                      st + t * 2 * C, st + (t * 2 + 1) * C, sp + t * ss, bf16,
+                                      yp)
+        else:
+            if data_t is uint16_t:
+                if R * C > 1 << 19:
+                    R = max(1, (1 << 19) // C)
+                sp = _scratch_c(T, (2 if yp == NULL else 3) * R * C, &ss)
+            blk = 16   # channel-split granularity: 64-byte boundaries for float32
+            with nogil:
+                for t in prange(T, schedule='static', num_threads=T):
+                    if by_rows:
+                        _rows_dot_range(gp, xp, _cut(O, t, T), _cut(O, t + 1, T), 0, C, C, mp,
+                                        st + t * 2 * C, st + (t * 2 + 1) * C, sp + t * ss, R,
+                                        bf16, yp)
+                    else:
+                        c0 = _cut(C // blk, t, T) * blk
+                        c1 = C if t == T - 1 else _cut(C // blk, t + 1, T) * blk
+                        _rows_dot_range(gp, xp, 0, O, c0, c1, C, mp, st + t * 2 * C,
+                                        st + (t * 2 + 1) * C, sp + t * ss, R, bf16, yp)
         with nogil:
-            for t in prange(T, schedule='static', num_threads=T):
-                _planes_dot_range(gp, xp, _cut(N, t, T), _cut(N, t + 1, T), C, I, mp,
-                                  &st[t, 0, 0], &st[t, 1, 0], &scr[t, 0], bf16, yp)
-    else:
-        if data_t is uint16_t:
-            if R * C > 1 << 19:
-                R = max(1, (1 << 19) // C)
-        scr = _scratch("float16" if data_t is uint16_t else "", T,
-                       (2 if yp == NULL else 3) * R * C)
-        blk = 16   # channel-split granularity: 64-byte boundaries for float32
-        with nogil:
-            for t in prange(T, schedule='static', num_threads=T):
-                if by_rows:
-                    _rows_dot_range(gp, xp, _cut(O, t, T), _cut(O, t + 1, T), 0, C, C, mp,
-                                    &st[t, 0, 0], &st[t, 1, 0], &scr[t, 0], R, bf16, yp)
-                else:
-                    c0 = _cut(C // blk, t, T) * blk
-                    c1 = C if t == T - 1 else _cut(C // blk, t + 1, T) * blk
-                    _rows_dot_range(gp, xp, 0, O, c0, c1, C, mp, &st[t, 0, 0], &st[t, 1, 0],
-                                    &scr[t, 0], R, bf16, yp)
-    cdef stat_t[::1] a_v = sum_dy, b_v = sum_dy_xmu
-    with nogil:
-        _merge_sums(st, T, a_v, b_v)
-    return sum_dy, sum_dy_xmu
+            _merge_sums(st, T, C, a_out, b_out)
+    finally:
+        free(st)
+        free(sp)
+    return 0
 
 
 def backward_elemt(const data_t[:, :, ::1] dy,    # IN
@@ -1033,10 +1123,7 @@ def backward_elemt(const data_t[:, :, ::1] dy,    # IN
     ``ys`` (like x, or None): dy is taken as ``g = dy where ys > 0 else 0`` (see
     :func:`backward_reduce`); ``dz`` (like x, or None): written ``g``."""
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
-    cdef Py_ssize_t N = O * C * I, P = C
-    cdef int T = _team(2 * N, n_threads), t
-    cdef int stream
-    cdef float[:, ::1] scr
+    cdef Py_ssize_t N = O * C * I
     if data_t is double:
         if stat_t is float:
             raise TypeError("mean, k_dy, k_x, k_c: expected float64 for float64 data, "
@@ -1052,28 +1139,46 @@ def backward_elemt(const data_t[:, :, ::1] dy,    # IN
     cdef data_t *dzp
     _optional(ys, x, "ys", False, &yp)
     _optional(dz, x, "dz", True, &dzp)
-    stream = fbn_should_stream(&dx[0, 0, 0], <size_t>N * sizeof(data_t))
-    scr = _scratch("float16" if data_t is uint16_t else "", T, 3 * TILE)
+    _backward_elemt_c(dy, x, mean, k_dy, k_x, k_c, dx, n_threads, bf16, yp, dzp)
+
+
+cdef int _backward_elemt_c(const data_t[:, :, ::1] dy, const data_t[:, :, ::1] x,
+                           const stat_t[::1] mean, const stat_t[::1] k_dy,
+                           const stat_t[::1] k_x, const stat_t[::1] k_c,
+                           data_t[:, :, ::1] dx, int n_threads, bint bf16, const data_t *yp,
+                           data_t *dzp) except -1:
+    """backward_elemt() once its arguments are checked (N > 0)."""
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t N = O * C * I, P, L
+    cdef int T = _team(2 * N, n_threads), t
+    cdef int stream = fbn_should_stream(&dx[0, 0, 0], <size_t>N * sizeof(data_t))
+    cdef float *sp = NULL
+    cdef Py_ssize_t ss = 0
+    cdef stat_t *cb = NULL
     cdef const data_t *gp = &dy[0, 0, 0]
     cdef const data_t *xp = &x[0, 0, 0]
     cdef data_t *dp = &dx[0, 0, 0]
-    cdef const stat_t[::1] me, a, b, c
-    if I > 1:
+    try:
+        if data_t is uint16_t:
+            sp = _scratch_c(T, 3 * TILE, &ss)
+        if I > 1:
+            with nogil:
+                for t in prange(T, schedule='static', num_threads=T):
+                    _planes_elemt_range(gp, xp, dp, _cut(N, t, T), _cut(N, t + 1, T), C, I,
+                                        &mean[0], &k_dy[0], &k_x[0], &k_c[0], stream,
+                                        sp + t * ss, bf16, yp, dzp)
+            return 0
+        P = _period(C)
+        L = P + 16
+        cb = _tiled(4, mean, k_dy, k_x, k_c, C, P)
         with nogil:
             for t in prange(T, schedule='static', num_threads=T):
-                _planes_elemt_range(gp, xp, dp, _cut(N, t, T), _cut(N, t + 1, T), C, I,
-                                    &mean[0], &k_dy[0], &k_x[0], &k_c[0], stream, &scr[t, 0],
-                                    bf16, yp, dzp)
-    else:
-        me, P = _expand(np.asarray(mean), C)
-        a, _ = _expand(np.asarray(k_dy), C)
-        b, _ = _expand(np.asarray(k_x), C)
-        c, _ = _expand(np.asarray(k_c), C)
-        with nogil:
-            for t in prange(T, schedule='static', num_threads=T):
-                _rows_elemt_range(gp, xp, dp, _cut(N, t, T), _cut(N, t + 1, T), P,
-                                  &me[0], &a[0], &b[0], &c[0], stream, &scr[t, 0], bf16, yp,
-                                  dzp)
+                _rows_elemt_range(gp, xp, dp, _cut(N, t, T), _cut(N, t + 1, T), P, cb, cb + L,
+                                  cb + 2 * L, cb + 3 * L, stream, sp + t * ss, bf16, yp, dzp)
+    finally:
+        free(cb)
+        free(sp)
+    return 0
 
 
 # --- fused per-channel paths ----------------------------------------------------
@@ -1204,6 +1309,9 @@ def forward_train(const data_t[:, :, ::1] x,    # IN
     cdef int stream
     cdef double n = <double>(O * I), mu, invstd, sc
     cdef float[:, ::1] scr
+    cdef data_t *zp
+    cdef const double[::1] m64_v, v64_v
+    cdef stat_t[::1] ms_v, sc_v, sh_v
     if data_t is double:
         if stat_t is float:
             raise TypeError("weight, bias: expected float64 for float64 data, "
@@ -1223,15 +1331,23 @@ def forward_train(const data_t[:, :, ::1] x,    # IN
     if N == 0 or not _fuse(O, C, I, sizeof(data_t), T, _fuse_fwd_max):
         mean64, m2_64 = _stats64(x, n_threads, bf16)
         mean = mean64.astype(dt)
+        if N == 0:
+            return mean, m2_64.astype(dt)
         scale = np.empty(C, dtype=dt)
         shift = np.empty(C, dtype=dt)
-        _fold_forward_py(mean64, m2_64, mean, weight, bias, eps, n, scale, shift)
-        normalize(x, mean, scale, shift, y, n_threads, bf16, z, relu)
+        # the cdef steps directly (no Python calls: per-call cost of small inputs)
+        m64_v = mean64
+        v64_v = m2_64
+        ms_v = mean
+        sc_v = scale
+        sh_v = shift
+        _fold_forward(m64_v, v64_v, ms_v, weight, bias, eps, n, sc_v, sh_v)
+        _optional(z, x, "z", False, &zp)
+        _normalize_c(x, ms_v, sc_v, sh_v, y, n_threads, bf16, zp, relu)
         return mean, m2_64.astype(dt)
     mean = np.empty(C, dtype=dt)
     m2 = np.empty(C, dtype=dt)
     cdef stat_t[::1] mean_v = mean, m2_v = m2
-    cdef data_t *zp
     _optional(z, x, "z", False, &zp)
     stream = fbn_should_stream(&y[0, 0, 0], <size_t>N * sizeof(data_t))
     scr = _scratch("float16" if data_t is uint16_t else "", T, TILE)
@@ -1305,6 +1421,9 @@ def backward_train(const data_t[:, :, ::1] dy,   # IN
     cdef int stream
     cdef double n = <double>(O * I)
     cdef float[:, ::1] scr
+    cdef data_t *yp
+    cdef data_t *dzp
+    cdef stat_t[:, ::1] kv
     if data_t is double:
         if stat_t is float:
             raise TypeError("mean, invstd, weight: expected float64 for float64 data, "
@@ -1322,18 +1441,20 @@ def backward_train(const data_t[:, :, ::1] dy,   # IN
     # planes of (dy, x, ys), which may not all fit in L2 (measured, 2 threads, S/M
     # NCHW, CPU time: 1.41-1.46x the plain backward fused, 1.62x composed)
     if N == 0 or not _fuse(O, C, I, 2 * sizeof(data_t), T, _fuse_bwd_max):
-        sum_dy, sum_dy_xmu = backward_reduce(dy, x, mean, n_threads, bf16, ys)
-        k_dy = np.empty(C, dtype=dt)
-        k_x = np.empty(C, dtype=dt)
-        k_c = np.empty(C, dtype=dt)
-        _fold_backward_py(sum_dy, sum_dy_xmu, invstd, weight, n, k_dy, k_x, k_c)
-        backward_elemt(dy, x, mean, k_dy, k_x, k_c, dx, n_threads, bf16, ys, dz)
-        return sum_dy, sum_dy_xmu
+        if N == 0:
+            return backward_reduce(dy, x, mean, n_threads, bf16, ys)
+        # the cdef steps directly (no Python calls: per-call cost of small inputs)
+        _optional(ys, x, "ys", False, &yp)
+        _optional(dz, x, "dz", True, &dzp)
+        k = np.empty((5, C), dtype=dt)
+        kv = k
+        _backward_reduce_c(dy, x, mean, n_threads, bf16, yp, &kv[0, 0], &kv[1, 0])
+        _fold_backward(kv[0], kv[1], invstd, weight, n, kv[2], kv[3], kv[4])
+        _backward_elemt_c(dy, x, mean, kv[2], kv[3], kv[4], dx, n_threads, bf16, yp, dzp)
+        return k[0], k[1]
     sum_dy = np.empty(C, dtype=dt)
     sum_dy_xmu = np.empty(C, dtype=dt)
     cdef stat_t[::1] a_v = sum_dy, b_v = sum_dy_xmu
-    cdef data_t *yp
-    cdef data_t *dzp
     _optional(ys, x, "ys", False, &yp)
     _optional(dz, x, "dz", True, &dzp)
     stream = fbn_should_stream(&dx[0, 0, 0], <size_t>N * sizeof(data_t))
