@@ -7,7 +7,8 @@ norms folded into the convolutions (``fastbn.torch.fold``) vs unfolded.
 
 conv-BN-ReLU x2 + linear (the model of tests/test_interop.py, wider), same
 seed, same data; steps interleaved between the models (torch BN and fastbn BN,
-eager and ``torch.compile(fullgraph=True)``); prints the median and p90 step time of each,
+and fastbn BN fused with its ReLU by ``convert(fuse_relu=True)``, eager and
+``torch.compile(fullgraph=True)``); prints the median and p90 step time of each,
 the ratios, and the fastbn backend that served. Compilation (inductor, about a
 minute per model here) happens in the warm-up step and is not timed.
 
@@ -83,7 +84,7 @@ def _report(title, times, ratios):
     medians = {k: statistics.median(v) for k, v in times.items()}
     print(title)
     for name, v in times.items():
-        print(f"  {name:<20} median {medians[name] * 1e3:8.2f} ms   p90 {_p90(v) * 1e3:8.2f} ms")
+        print(f"  {name:<30} median {medians[name] * 1e3:8.2f} ms   p90 {_p90(v) * 1e3:8.2f} ms")
     for suffix in ("", ", compiled"):
         for slow, fast in ratios:
             if slow + suffix in medians and fast + suffix in medians:
@@ -116,11 +117,15 @@ def main():
 
 def train(args, x, t):
     """Training steps of torch BN vs fastbn BN models; prints the figures."""
-    models = {"torch BN": make_model(torch.nn.BatchNorm2d, args.width),
-              "fastbn BN": make_model(fastbn.torch.BatchNorm2d, args.width)}
+    def fused(width):  # BN and ReLU in one pass: convert(fuse_relu=True)
+        return fastbn.torch.convert(make_model(torch.nn.BatchNorm2d, width), fuse_relu=True)
+
+    builders = (("torch BN", lambda w: make_model(torch.nn.BatchNorm2d, w)),
+                ("fastbn BN", lambda w: make_model(fastbn.torch.BatchNorm2d, w)),
+                ("fastbn BN+ReLU fused", fused))
+    models = {k: build(args.width) for k, build in builders}
     if not args.no_compile:
-        models.update({f"{k}, compiled": make_model(bn, args.width) for k, bn in (
-            ("torch BN", torch.nn.BatchNorm2d), ("fastbn BN", fastbn.torch.BatchNorm2d))})
+        models.update({f"{k}, compiled": build(args.width) for k, build in builders})
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.01) for k, m in models.items()}
     forward = {k: torch.compile(m, fullgraph=True, backend=args.compile_backend)
                if k.endswith("compiled") else m for k, m in models.items()}
@@ -136,7 +141,8 @@ def train(args, x, t):
     times = _interleaved({name: (lambda name=name: step(name)) for name in models}, args.steps)
     _report(f"CNN training step, batch {args.batch}x3x{args.size}x{args.size}, width "
             f"{args.width}, {args.threads} threads, {args.steps} interleaved steps (fastbn "
-            f"backend: {fastbn.last_backend()})", times, [("torch BN", "fastbn BN")])
+            f"backend: {fastbn.last_backend()})", times,
+            [("torch BN", "fastbn BN"), ("torch BN", "fastbn BN+ReLU fused")])
 
 
 if __name__ == "__main__":
