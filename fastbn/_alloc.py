@@ -8,9 +8,9 @@ outputs of at least ``_MIN_BYTES`` come from a small cache of buffers that the
 kernels have written before (resident, 64-byte aligned: the kernels' streaming
 stores apply). A buffer is handed out again only when nothing but the cache refers
 to it: every array or view the caller holds keeps a reference to its buffer, so a
-live result is never reused. Free buffers the cache keeps are bounded by
-``FASTBN_OUTPUT_CACHE_MB`` (default: 1/16 of the memory, at most 1 GiB; 0 turns the
-cache off); :func:`fastbn.clear_output_cache` releases them.
+live result is never reused. Whenever the cache allocates, it drops idle buffers
+beyond ``FASTBN_OUTPUT_CACHE_MB`` (default: 1/16 of the memory, at most 1 GiB; 0
+turns the cache off); :func:`fastbn.clear_output_cache` releases them all.
 """
 import os
 import sys
@@ -78,11 +78,12 @@ class OutputCache:
             return np.empty(shape, dtype)
         with self._lock:
             slot = next((s for s in self._slots.get(nbytes, ()) if s.free()), None)
-            if slot is None:
-                slot = _Slot(nbytes)
-                self._slots.setdefault(nbytes, []).append(slot)
+            if slot is not None:
+                return slot.array(shape, dtype, nbytes)
+            slot = _Slot(nbytes)
+            self._slots.setdefault(nbytes, []).append(slot)
             array = slot.array(shape, dtype, nbytes)  # holds the buffer from here on
-            self._trim()
+            self._trim()  # when the cache grows (a reuse adds nothing to keep track of)
         return array
 
     def _free_slots(self):
@@ -130,8 +131,8 @@ def clear_output_cache():
 
     fastbn reuses the memory of large outputs (1 MiB and more) once nothing refers to
     them any more, so that a training loop's steps write into memory that is already
-    mapped instead of page-faulting on every call. At most ``FASTBN_OUTPUT_CACHE_MB``
-    (default 1/16 of the memory, at most 1 GiB) of idle buffers are kept; this
-    releases them now. Arrays you still hold are not affected.
+    mapped instead of page-faulting on every call. Whenever it allocates, the cache drops
+    idle buffers beyond ``FASTBN_OUTPUT_CACHE_MB`` (default 1/16 of the memory, at most
+    1 GiB); this releases every idle buffer now. Arrays you still hold are not affected.
     """
     cache.clear()
