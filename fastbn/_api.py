@@ -172,9 +172,8 @@ class _Gradient:
 
     def __init__(self, be, view, dy3, y3, dz3):
         self.be, self.view, self.dy3, self.y3, self.dz3 = be, view, dy3, y3, dz3
-        self.kernels = y3 is not None and _has(be, "backward_reduce_relu") and _has(
-            be, "backward_elemt_relu")
-        if y3 is not None and not self.kernels:
+        relu_kernels = _has(be, "backward_reduce_relu") and _has(be, "backward_elemt_relu")
+        if y3 is not None and not relu_kernels:
             xp = view.xp
             self.dy3 = xp.where(y3 > 0, dy3, xp.zeros((), dtype=dy3.dtype))
             if dz3 is not None:

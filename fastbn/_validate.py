@@ -260,9 +260,7 @@ def check_out(out, x, view):
     if out.dtype != x.dtype:
         raise ArgumentTypeError(f"out: expected dtype {x.dtype.name} like x, got {out.dtype.name}")
     check_writable(out, "out")
-    if xp.may_share_memory(out, x) and not _same_memory(out, x):
-        raise ArgumentError("out: overlaps x without being x itself; pass out=x to normalize "
-                         "in place, or a separate array")
+    _whole_or_apart(out, x, "x", "normalize in place", xp)
     # out is x itself: elementwise kernels read each value before writing it
     return view.view(out)
 
@@ -283,10 +281,8 @@ def check_activation(activation):
 def check_residual(residual, out, view):
     """``residual`` (z of act(bn(x) + z)) is like x; ``out`` may be it, not overlap it."""
     check_like_x(residual, "residual", view)
-    if out is not None and view.xp.may_share_memory(out, residual) and not _same_memory(
-            out, residual):
-        raise ArgumentError("out: overlaps residual without being residual itself; pass "
-                            "out=residual to add in place, or a separate array")
+    if out is not None:
+        _whole_or_apart(out, residual, "residual", "add in place", view.xp)
 
 
 def check_saved_output(y, relu, view):
@@ -300,6 +296,14 @@ def check_saved_output(y, relu, view):
         raise ArgumentError("y: activation='relu' needs the forward's output y (the "
                             "gradient is masked where y is not positive), got None")
     check_like_x(y, "y", view)
+
+
+def _whole_or_apart(out, a, name, purpose, xp):
+    """``out`` may be the array ``a`` itself (elementwise kernels read each value before
+    writing it) or apart from it, never a partial overlap."""
+    if xp.may_share_memory(out, a) and not _same_memory(out, a):
+        raise ArgumentError(f"out: overlaps {name} without being {name} itself; pass "
+                            f"out={name} to {purpose}, or a separate array")
 
 
 def _data_pointer(a):

@@ -11,6 +11,7 @@ import numpy as np
 
 from .._registry import Backend
 from .._threads import threads_for
+from .._validate import name_of
 
 _module = None
 
@@ -37,10 +38,8 @@ def _opt_bits(a):
 
 
 def _bf16(a):
-    """The kernels' ``bf16`` flag: True when the data is bfloat16 (not float16).
-    (``dtype.name`` is a slow property: read only for 16-bit data.)"""
-    dt = a.dtype
-    return dt.itemsize == 2 and dt.name == "bfloat16"
+    """The kernels' ``bf16`` flag: True when the data is bfloat16 (not float16)."""
+    return name_of(a.dtype) == "bfloat16"
 
 
 def _threads(x3, arrays):
