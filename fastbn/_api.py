@@ -7,10 +7,12 @@ from typing import Any, NamedTuple
 
 from . import _registry
 from ._arrays import Interop, device_scope
+from ._merge import Moments
 from ._registry import WRITE_AND_REDUCE_KERNELS
 from ._validate import (STAT_DTYPE, canary_left, canonical, channel_vector, check_activation,
                         check_canary, check_eps, check_flag, check_like_x, check_momentum,
                         check_out, check_residual, check_saved_output, check_training_count,
+                        check_whole_batch_count,
                         device_of, kernel_vectors, kernel_wrote, name_of, plant_canary,
                         required_channel_vector, running_stats)
 
@@ -245,6 +247,86 @@ def _eval_backward(grad, mean, invstd, weight, dx3):
     return sums
 
 
+# --- a part of a batch: statistics and reductions combined by a Sync -----------------
+
+class Sync:
+    """How the statistics of one part of a batch become those of the whole batch.
+
+    The core calls each method once per synchronized call, on every part, with a
+    callable that computes the part's own values (a Sync may skip calling it when it
+    already knows the whole batch's values, as Dask's per-chunk tasks do). Both
+    return values in the array module of ``x``; the core casts them to the stat dtype.
+    """
+
+    def stats(self, local):
+        """``local() -> Moments`` of this part; returns the whole batch's Moments."""
+        raise NotImplementedError
+
+    def sums(self, local):
+        """``local() -> (count, sum_dy, sum_dy_xmu)`` of this part; returns the whole
+        batch's ``(count, sum_dy, sum_dy_xmu)``."""
+        raise NotImplementedError
+
+
+def _local_moments(view, device, backend):
+    """Moments of this part on one backend (count 0 and zeros for an empty part)."""
+    xp, c = view.xp, view.x3.shape[1]
+    if view.x3.size == 0:
+        stat = STAT_DTYPE[name_of(view.x3.dtype)]
+        return Moments(0, xp.zeros(c, dtype=stat), xp.zeros(c, dtype=stat))
+    mean, m2 = _registry.dispatch(device, name_of(view.x3.dtype), view.family, backend,
+                                  lambda be: _reduce(be, "stats", view, view.x3))
+    return Moments(view.count, mean, m2)
+
+
+def _in_stat_dtype(view, *vectors):
+    stat = STAT_DTYPE[name_of(view.x3.dtype)]
+    return [view.xp.asarray(v, dtype=stat) for v in vectors]
+
+
+def _synced_train_forward(view, device, backend, weight, bias, eps, y3, fresh, epilogue, sync):
+    """Statistics of the whole batch (this part's stats kernel, then ``sync``), then this
+    part normalized with them: (count, mean, m2, invstd) of the whole batch."""
+    n, mean, m2 = sync.stats(lambda: _local_moments(view, device, backend))
+    n = int(n)
+    check_whole_batch_count(n)
+    mean, m2 = _in_stat_dtype(view, mean, m2)
+    if n == 0:  # every part empty: NaN statistics, as an empty batch gets
+        mean = view.xp.full_like(mean, view.xp.nan)
+    invstd = _invstd(view.xp, m2 / n, eps)
+    if view.x3.size:
+        _registry.dispatch(device, name_of(view.x3.dtype), view.family, backend,
+                           lambda be: _normalize(be, view, fresh, mean, weight * invstd, bias,
+                                                 y3, epilogue))
+    return n, mean, m2, invstd
+
+
+def _synced_train_backward(view, backend, dy3, y3, dz3, mean, invstd, weight, dx3, sync):
+    """This part's reductions, ``sync``, then this part's dx from the whole batch's sums:
+    (sum_dy, sum_dy_xmu) of the whole batch."""
+    xp, c = view.xp, view.x3.shape[1]
+    device, dtype = device_of(xp), name_of(view.x3.dtype)
+
+    def local():
+        if view.x3.size == 0:
+            return 0, xp.zeros_like(mean), xp.zeros_like(mean)
+        sums = _registry.dispatch(device, dtype, view.family, backend,
+                                  lambda be: _Gradient(be, view, dy3, y3, dz3).reduce(mean))
+        return (view.count, *sums)
+
+    n, sum_dy, sum_dy_xmu = sync.sums(local)
+    sum_dy, sum_dy_xmu = _in_stat_dtype(view, sum_dy, sum_dy_xmu)
+    if view.x3.size:
+        n = int(n)
+        k_dy = weight * invstd
+        k_x = -k_dy * invstd * invstd * sum_dy_xmu / n
+        k_c = -k_dy * sum_dy / n
+        _registry.dispatch(device, dtype, view.family, backend,
+                           lambda be: _Gradient(be, view, dy3, y3, dz3).elemt(
+                               mean, k_dy, k_x, k_c, dx3))
+    return sum_dy, sum_dy_xmu
+
+
 # --- public functions ---------------------------------------------------------------
 
 def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
@@ -326,6 +408,14 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     >>> bool(abs(y.mean()) < 1e-5)
     True
     """
+    return forward_any_array(x, weight, bias, running_mean, running_var, training, momentum,
+                             eps, axis, activation, residual, out, backend)
+
+
+def forward_any_array(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                      axis, activation, residual, out, backend, sync=None):
+    """batch_norm_forward for any supported array library (DLPack exchange), with the
+    optional ``sync`` of :func:`_forward`."""
     io = Interop(x)
     caller_out = out
     if not io.passthrough:
@@ -335,7 +425,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
                 (running_var, "running_var"), (residual, "residual"), (out, "out")))
     with device_scope(x):  # CuPy: allocate on x's GPU, not the current one
         y, mean, invstd = _forward(x, weight, bias, running_mean, running_var, training,
-                                   momentum, eps, axis, activation, residual, out, backend)
+                                   momentum, eps, axis, activation, residual, out, backend, sync)
     if io.passthrough:
         return ForwardResult(y, mean, invstd)
     return ForwardResult(caller_out if caller_out is not None else io.wrap(y),
@@ -343,8 +433,11 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
 
 
 def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
-             activation, residual, out, backend):
-    """Validate, view, dispatch and update running statistics; returns (y, mean, invstd)."""
+             activation, residual, out, backend, sync=None):
+    """Validate, view, dispatch and update running statistics; returns (y, mean, invstd).
+
+    ``sync`` (training only): a :class:`Sync` that turns this call's statistics into
+    those of the whole batch it is a part of."""
     view = canonical(x, axis)
     training = check_flag(training, "training")
     eps = check_eps(eps)
@@ -357,7 +450,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     updates = training and running_mean is not None
     if updates:  # checked only where it is used, as PyTorch does
         momentum = check_momentum(momentum)
-    if training:
+    synced = training and sync is not None
+    if training and not synced:  # a part of a batch may hold one value, or none
         check_training_count(view)
     # Write straight into out when its memory is the canonical layout, else
     # into a buffer copied to out once the call has succeeded.
@@ -365,7 +459,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     if residual is not None:
         check_residual(residual, out, view)
     xp, c = view.xp, view.x3.shape[1]
-    if view.x3.size == 0:  # an empty batch: empty y in x's memory layout, statistics untouched
+    if view.x3.size == 0 and not synced:  # an empty batch: empty y in x's layout, statistics untouched
         y = out if out is not None else xp.empty_like(x)
         if training:
             nan = xp.full(c, xp.nan, dtype=stat)
@@ -385,18 +479,21 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     if bias is None:
         bias = xp.zeros(c, dtype=stat)
     device = device_of(xp)
-    if training:
+    if synced:
+        n, mean, m2, invstd = _synced_train_forward(view, device, backend, weight, bias, eps,
+                                                    y3, fresh, epilogue, sync)
+    elif training:
+        n = view.count
         mean, m2, invstd = _registry.dispatch(
             device, dtype, view.family, backend,
             lambda be: _train_forward(be, view, weight, bias, eps, y3, fresh, epilogue))
-        if updates:  # in the stat dtype; stored in the running statistics' own dtype
-            n = view.count
-            rm, rv = (r.astype(stat, copy=False) for r in (running_mean, running_var))
-            new_mean = (1.0 - momentum) * rm + momentum * mean
-            new_var = (1.0 - momentum) * rv + momentum * (m2 / (n - 1))
-            running_mean[...] = new_mean
-            running_var[...] = new_var
-    else:
+    if training and updates:  # in the stat dtype; stored in the running statistics' own dtype
+        rm, rv = (r.astype(stat, copy=False) for r in (running_mean, running_var))
+        new_mean = (1.0 - momentum) * rm + momentum * mean
+        new_var = (1.0 - momentum) * rv + momentum * (m2 / (n - 1))
+        running_mean[...] = new_mean
+        running_var[...] = new_var
+    if not training:
         mean, invstd = _running_statistics(xp, running_mean, running_var, eps, stat)
         scale = weight * invstd
         _registry.dispatch(device, dtype, view.family, backend,
@@ -405,6 +502,18 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     if out is not None and staged is not None:
         out[...] = staged
     return y, mean, invstd
+
+
+def local_moments(x, axis=1, backend=None):
+    """:class:`~fastbn._merge.Moments` of ``x`` (count 0 for an empty ``x``), from a
+    backend's stats kernel, in x's array library (DLPack exchange as elsewhere)."""
+    io = Interop(x)
+    if not io.passthrough:
+        x = io.native(x, "x")
+    with device_scope(x):
+        view = canonical(x, axis)
+        n, mean, m2 = _local_moments(view, device_of(view.xp), backend)
+    return Moments(n, io.wrap(mean), io.wrap(m2))
 
 
 def _running_statistics(xp, running_mean, running_var, eps, stat):
@@ -462,6 +571,14 @@ def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis
         ``(dx, dweight, dbias)``, and ``dresidual`` when ``residual``; ``dweight`` and
         ``dbias`` in the statistics dtype.
     """
+    return backward_any_array(dy, x, mean, invstd, weight, training, axis, activation, y,
+                              residual, backend)
+
+
+def backward_any_array(dy, x, mean, invstd, weight, training, axis, activation, y, residual,
+                       backend, sync=None):
+    """batch_norm_backward for any supported array library, with the optional ``sync`` of
+    :func:`_backward`."""
     io = Interop(x)
     if not io.passthrough:
         dy, x, mean, invstd, weight, y = (
@@ -470,14 +587,18 @@ def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis
                 (y, "y")))
     with device_scope(x):
         dx, dweight, dbias, dz = _backward(dy, x, mean, invstd, weight, training, axis,
-                                           activation, y, residual, backend)
+                                           activation, y, residual, backend, sync)
     if dz is None:
         return BackwardResult(io.wrap(dx), io.wrap(dweight), io.wrap(dbias))
     return ResidualBackwardResult(io.wrap(dx), io.wrap(dweight), io.wrap(dbias), io.wrap(dz))
 
 
-def _backward(dy, x, mean, invstd, weight, training, axis, activation, y, residual, backend):
-    """Validate, view and dispatch; returns (dx, dweight, dbias, dresidual or None)."""
+def _backward(dy, x, mean, invstd, weight, training, axis, activation, y, residual, backend,
+              sync=None):
+    """Validate, view and dispatch; returns (dx, dweight, dbias, dresidual or None).
+
+    ``sync`` (training only): a :class:`Sync` that turns this call's reductions into
+    those of the whole batch it is a part of."""
     view = canonical(x, axis)
     training = check_flag(training, "training")
     relu = check_activation(activation)
@@ -491,7 +612,8 @@ def _backward(dy, x, mean, invstd, weight, training, axis, activation, y, residu
     invstd = required_channel_vector(invstd, "invstd", view, _FLOATS, stat)
     weight = channel_vector(weight, "weight", view, {dtype, stat}, stat)
     c = view.x3.shape[1]
-    if view.x3.size == 0:  # an empty batch: empty dx, zero gradients for weight and bias
+    synced = training and sync is not None
+    if view.x3.size == 0 and not synced:  # an empty batch: empty dx, zero weight/bias gradients
         zeros = xp.zeros(c, dtype=stat)
         dz = (xp.empty_like(x) if relu else dy) if residual else None
         return xp.empty_like(x), zeros, zeros.copy(), dz
@@ -501,6 +623,10 @@ def _backward(dy, x, mean, invstd, weight, training, axis, activation, y, residu
     y3 = view.like(y) if relu else None
     dx3, dx = view.empty()
     dz3, dz = view.empty() if residual and relu else (None, dy if residual else None)
+    if synced:
+        sum_dy, sum_dy_xmu = _synced_train_backward(view, backend, dy3, y3, dz3, mean, invstd,
+                                                    weight, dx3, sync)
+        return dx, sum_dy_xmu * invstd, sum_dy, dz
     compose = _train_backward if training else _eval_backward
     sum_dy, sum_dy_xmu = _registry.dispatch(
         device_of(xp), dtype, view.family, backend,

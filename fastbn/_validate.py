@@ -197,6 +197,13 @@ def check_training_count(view):
                          f"({view.count} value(s) per channel)")
 
 
+def check_whole_batch_count(count):
+    """check_training_count for a batch split in parts (one part may hold 0 or 1 value)."""
+    if count == 1:
+        raise ArgumentError("x: expected more than 1 value per channel when training, got 1 "
+                            "in the whole batch (all parts together)")
+
+
 def channel_vector(v, name, view, dtypes, stat_dtype):
     """A per-channel (C,) vector of one of ``dtypes``, returned contiguous in ``stat_dtype``
     (None: in its own dtype)."""
