@@ -12,6 +12,7 @@ from ._api import (BackwardResult, ForwardResult, ResidualBackwardResult, batch_
 from ._alloc import clear_output_cache
 from ._config import show_config
 from ._fold import fold
+from ._population import PopulationStats
 from ._registry import (ArgumentError, ArgumentTypeError, Backend, BackendContractError,
                         BackendInfo, BackendUnavailableError, backends, get_backend,
                         last_backend, register_backend, use_backend)
@@ -20,7 +21,7 @@ from .layer import BatchNorm
 
 __all__ = [
     "ArgumentError", "ArgumentTypeError", "Backend", "BackendContractError", "BackendInfo", "BackendUnavailableError", "BackwardResult", "BatchNorm", "clear_output_cache",
-    "ForwardResult", "ResidualBackwardResult", "__version__", "backends", "batch_norm", "batch_norm_backward",
+    "ForwardResult", "PopulationStats", "ResidualBackwardResult", "__version__", "backends", "batch_norm", "batch_norm_backward",
     "batch_norm_forward", "fold", "get_backend", "get_num_threads", "last_backend", "num_threads",
     "register_backend", "set_num_threads", "show_config", "use_backend",
 ]

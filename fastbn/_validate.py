@@ -449,8 +449,33 @@ def check_layer_input(x, stat_dtype, num_features, axis):
         allowed = [d for d, s in STAT_DTYPE.items() if s == stat_dtype]
         raise ArgumentTypeError(f"x: expected dtype {' or '.join(allowed)} for a layer whose "
                         f"parameters are {stat_dtype}, got {dtype}")
-    if x.ndim >= 2:  # lower ranks: canonical() says what is wrong
-        channels = x.shape[check_axis(axis, x.ndim)]
+    check_channels(x, num_features, axis)
+
+
+def check_optional_positive_int(value, name):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name}: expected a positive int or None, got "
+                                f"{type(value).__name__}")
+    if value < 1:
+        raise ArgumentError(f"{name}: expected a positive int or None, got {value}")
+    return int(value)
+
+
+def check_population_count(count, name):
+    """Recalibration needs an unbiased variance: more than one value per channel."""
+    if count < 2:
+        raise ArgumentError(f"{name}: expected more than 1 value per channel in all, got "
+                            f"{count}; the running statistics are left as they were")
+
+
+def check_channels(x, num_features, axis):
+    """``num_features`` channels on ``axis`` (x of any array library; ranks below 2 are
+    left to canonical(), which says what is wrong with them)."""
+    shape = getattr(x, "shape", None)
+    if shape is not None and len(shape) >= 2:  # a non-array: the caller's converter says so
+        channels = shape[check_axis(axis, len(shape))]
         if channels != num_features:
             raise ArgumentError(f"x: expected {num_features} channels on axis {axis} (the layer's "
                              f"num_features), got shape {tuple(x.shape)} with {channels}")
@@ -481,3 +506,4 @@ def state_entries(state, expected, num_features, stat_dtype):
             raise ArgumentTypeError(f"state_dict[{key!r}]: expected a floating array, got {value.dtype}")
         entries[key] = value.astype(stat_dtype)
     return entries
+

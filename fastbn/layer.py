@@ -2,9 +2,10 @@
 import numpy as np
 
 from . import _api
+from ._population import PopulationStats
 from ._validate import (STAT_DTYPE, check_activation, check_dtype_name, check_eps, check_flag,
                         check_layer_input, check_momentum, check_num_features,
-                        state_entries)
+                        check_population_count, state_entries)
 
 
 class BatchNorm:
@@ -113,7 +114,7 @@ class BatchNorm:
         momentum = self.momentum
         if updates and momentum is None:  # cumulative moving average
             momentum = 1.0 / (self.num_batches_tracked + 1)
-        result = _api.batch_norm_forward(
+        result = self._batch_norm_forward(
             x, self.weight, self.bias,
             running_mean=self.running_mean if self.track_running_stats else None,
             running_var=self.running_var if self.track_running_stats else None,
@@ -140,12 +141,41 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward: call forward(x) first; no statistics are saved")
         x, mean, invstd, used_batch_stats, y, residual = self._saved
-        grads = _api.batch_norm_backward(
+        grads = self._batch_norm_backward(
             dy, x, mean, invstd, weight=self.weight, training=used_batch_stats, axis=self.axis,
             activation=self.activation, y=y, residual=residual, backend=self.backend)
         if self.affine:
             self.grad_weight, self.grad_bias = grads.dweight, grads.dbias
         return (grads.dx, grads.dresidual) if residual else grads.dx
+
+    # The functional calls the layer makes: fastbn.distributed.SyncBatchNorm overrides them.
+    def _batch_norm_forward(self, x, weight, bias, **kwargs):
+        return _api.batch_norm_forward(x, weight, bias, **kwargs)
+
+    def _batch_norm_backward(self, dy, x, mean, invstd, **kwargs):
+        return _api.batch_norm_backward(dy, x, mean, invstd, **kwargs)
+
+    def recalibrate(self, batches):
+        """Set the running statistics to the exact population statistics of ``batches``.
+
+        "Precise BN" (detectron2, pycls): after training, or after averaging weights
+        (SWA), the running averages are estimates from batches of older weights; this
+        replaces them with the mean and unbiased variance of every value in ``batches``
+        (an iterable of arrays shaped like this layer's inputs), merged exactly across
+        batches (:class:`fastbn.PopulationStats`). Parameters, mode and
+        ``num_batches_tracked`` are left as they are. Returns the PopulationStats.
+        """
+        if not self.track_running_stats:
+            raise RuntimeError("recalibrate: this layer has no running statistics "
+                               "(track_running_stats=False)")
+        stats = PopulationStats(self.num_features, axis=self.axis)
+        for x in batches:
+            check_layer_input(x, STAT_DTYPE[self.dtype], self.num_features, self.axis)
+            stats.update(x)
+        check_population_count(stats.count, "batches")
+        self.running_mean[...] = stats.mean
+        self.running_var[...] = stats.var
+        return stats
 
     # --- state ---
     def _state_keys(self):

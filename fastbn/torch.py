@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from . import _api
 from ._validate import check_activation
 from ._torch_fold import fold  # noqa: F401 (fastbn.torch.fold)
+from ._torch_recalibrate import recalibrate  # noqa: F401 (fastbn.torch.recalibrate)
 
 Tensor = torch.Tensor
 
