@@ -1,7 +1,16 @@
-"""Command line: ``python -m fastbn info`` and ``python -m fastbn bench``."""
+"""Command line: ``fastbn info`` and ``fastbn bench`` (also ``python -m fastbn ...``)."""
 import argparse
 import json
+import os
 import sys
+
+from ._version import __version__
+
+
+def _prog():
+    """How the user ran us, for usage lines: the ``fastbn`` script or ``python -m``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "fastbn" if name.startswith("fastbn") else "python -m fastbn"
 
 
 def _shape(text):
@@ -15,8 +24,9 @@ def _shape(text):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m fastbn",
+    parser = argparse.ArgumentParser(prog=_prog(),
                                      description="fastbn: batch normalization for array code")
+    parser.add_argument("--version", action="version", version=f"fastbn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, build configuration and every backend")
     bench = commands.add_parser(
@@ -48,6 +58,9 @@ def _parser():
     bench.add_argument("--warm", action="store_true",
                        help="don't flush the caches between timed calls (default: cold)")
     bench.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    bench.add_argument("--markdown", action="store_true",
+                       help="print the table as Markdown (for a README), with the run's "
+                            "settings and skipped contenders")
     bench.add_argument("--plot", metavar="PATH.png", help="also draw a bar chart (matplotlib)")
     return parser
 
@@ -73,17 +86,20 @@ def _bench(args):
     if args.plot:  # fail now, not after the run, when matplotlib is missing
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
-            raise SystemExit("--plot needs matplotlib: pip install matplotlib "
-                             "(or pip install fastbn[bench])")
-    missing = [p for p in bench.PEERS if bench.peer_unavailable_reason(p)]
+            raise SystemExit(f"--plot needs matplotlib: {install_hint('matplotlib', 'bench')}")
+    left_out = [] if args.backend else bench.unavailable_contenders()
     results = bench.run_cases(cases, contenders, threads=threads, repeats=args.repeats,
                               progress=bench.progress_bar, cold=not args.warm)
-    print(f"fastbn {results[0]['fastbn'] if results else ''}: medians and p90s of {args.repeats} "
-          f"interleaved rounds, {threads} threads, {'warm' if args.warm else 'cold'} caches; floor = yardstick read/copy "
-          f"kernels in the same run")
-    for p in missing:
-        print(f"(peer {p} skipped: {bench.peer_unavailable_reason(p)})")
-    print(bench.format_table(results))
+    settings = (f"fastbn {__version__}: medians and p90s of {args.repeats} interleaved rounds, "
+                f"{threads} threads, {'warm' if args.warm else 'cold'} caches; floor = "
+                f"yardstick read/copy kernels in the same run")
+    if args.markdown:
+        print(bench.format_markdown(results, settings, left_out))
+    else:
+        print(settings)
+        for name, why in left_out:
+            print(f"({name} left out: {why})")
+        print(bench.format_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "git_revision": bench.git_revision()}, f, indent=1)

@@ -1,5 +1,4 @@
 """Build and runtime configuration, for ``show_config`` and ``python -m fastbn info``."""
-import os
 import sys
 
 import numpy as np
@@ -13,13 +12,8 @@ def _extension():
     try:
         from ._kernels import _bn_omp
     except ImportError as exc:
-        reason = f"not built ({exc})"
-        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if os.path.exists(os.path.join(checkout, "setup.py")):
-            reason += (f"; this fastbn was imported from the source checkout {checkout}: "
-                       f"run from another directory to use the installed one, or build "
-                       f"in place with `pip install -e .`")
-        return False, False, reason
+        from ._backends.cython_omp import unbuilt_reason
+        return False, False, unbuilt_reason(f"{type(exc).__name__}: {exc}")
     return True, _bn_omp.openmp_enabled(), ""
 
 
@@ -30,7 +24,7 @@ def config():
         "python": sys.version.split()[0],
         "numpy": np.__version__,
         "extension": {"built": built, "openmp": openmp, "reason": reason},
-        "threads": _threads.get_num_threads() if openmp else 1,
+        "threads": _threads.get_num_threads(),
         "backends": [row._asdict() for row in _registry.backends()],
     }
 
@@ -57,14 +51,15 @@ def show_config(mode="stdout"):
         return info
     ext = info["extension"]
     if not ext["built"]:
-        build = f"compiled extension {ext['reason']}"
+        build = f"no compiled kernels: {ext['reason']}"
     elif ext["openmp"]:
         build = "compiled extension with OpenMP"
     else:
         build = "compiled extension WITHOUT OpenMP: CPU kernels run single-threaded"
     print(f"fastbn {info['fastbn']} (python {info['python']}, numpy {info['numpy']})")
     print(f"build:   {build}")
-    print(f"threads: {info['threads']}")
+    print(f"threads: {info['threads']} (fastbn.get_num_threads(); the Cython kernels use "
+          f"them only with OpenMP)")
     print("backends (highest priority first):")
     for row in info["backends"]:
         status = "available" if row["available"] else f"unavailable: {row['reason']}"

@@ -361,12 +361,10 @@ def candidates(device, dtype, family, backend=None):
                 f"backend {chosen.name!r} serves dtypes {sorted(chosen.dtypes)}, not {dtype}")
         found = (chosen,)
     else:
+        # Not probed here: dispatch probes each in turn, so a backend below the one that
+        # serves (numba under cython) is never imported for nothing.
         found = tuple(b for b in sorted(_registered().values(), key=lambda b: -b.priority)
-                      if _fits(b, device, dtype) and _probe(b)[0])
-        if not found:
-            raise BackendUnavailableError(
-                f"no available backend serves {dtype} data on {device!r}; "
-                f"see fastbn.backends() for what is registered and why it is unavailable")
+                      if _fits(b, device, dtype))
     with _lock:
         try:
             _selection_cache[key] = found
@@ -376,13 +374,20 @@ def candidates(device, dtype, family, backend=None):
 
 
 def dispatch(device, dtype, family, backend, call):
-    """Run ``call(b)`` on the first candidate that does not return NotImplemented."""
-    tried = candidates(device, dtype, family, backend)
-    for b in tried:
+    """Run ``call(b)`` on the first available candidate that does not return
+    NotImplemented (availability probed once per backend, only when reached)."""
+    declined = []
+    for b in candidates(device, dtype, family, backend):
+        if not _probe(b)[0]:
+            continue
         result = call(b)
         if result is not NotImplemented:
             _last.name = b.name
             return result
-    names = ", ".join(repr(b.name) for b in tried)
-    raise BackendUnavailableError(f"backend(s) {names} declined this call "
-                                  f"({dtype} data on {device!r}, {family} layout)")
+        declined.append(b.name)
+    if not declined:
+        raise BackendUnavailableError(
+            f"no available backend serves {dtype} data on {device!r}; "
+            f"see fastbn.backends() for what is registered and why it is unavailable")
+    raise BackendUnavailableError(f"backend(s) {', '.join(map(repr, declined))} declined this "
+                                  f"call ({dtype} data on {device!r}, {family} layout)")

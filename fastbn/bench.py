@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import _registry, _threads
+from ._hints import install_hint, missing
 from ._validate import numpy_dtype
 from ._version import __version__
 
@@ -129,11 +130,19 @@ def available_contenders(requested=None):
     return names
 
 
+def unavailable_contenders():
+    """(name, reason) of every CPU backend and peer that cannot run here."""
+    left_out = [(info.name, info.reason) for info in _registry.backends()
+                if not info.available and "cpu" in info.devices]
+    left_out += [(p, peer_unavailable_reason(p)) for p in PEERS if peer_unavailable_reason(p)]
+    return left_out
+
+
 def peer_unavailable_reason(name):
     if name == "torch":
         import importlib.util
         if importlib.util.find_spec("torch") is None:
-            return "torch is not installed (pip install fastbn[bench])"
+            return missing("torch", "torch==2.13.0", "bench")
     return None
 
 
@@ -393,22 +402,42 @@ def progress_bar(done, total, label, width=30, stream=sys.stderr):
     stream.flush()
 
 
+_COLUMNS = ("backend", "operation", "layout", "shape", "dtype", "median ms", "p90 ms", "GB/s",
+            "x floor", "vs torch", "p90 vs torch")
+
+
+def _cells(r):
+    """One result as the table's cells (a skipped one: the reason in the first number's)."""
+    head = [r["contender"], r["op"], r["layout"], "x".join(map(str, r["shape"])), r["dtype"]]
+    if "skipped" in r:
+        return head + [f"skipped: {r['skipped']}"]
+    vs, vs90 = (f"{r[k]:.2f}x" if r[k] else "-"
+                for k in ("speedup_vs_torch", "p90_speedup_vs_torch"))
+    return head + [f"{r['median_s'] * 1e3:.3f}", f"{r['p90_s'] * 1e3:.3f}", f"{r['gbps']:.1f}",
+                   f"{r['floor_ratio']:.2f}", vs, vs90]
+
+
 def format_table(results):
     """A text table: one row per contender and case."""
-    header = (f"{'backend':<12} {'operation':<21} {'layout':<5} {'shape':<14} {'dtype':<8} "
-              f"{'median ms':>10} {'p90 ms':>8} {'GB/s':>7} {'x floor':>8} {'vs torch':>9} "
-              f"{'p90 vs torch':>12}")
-    lines = [header, "-" * len(header)]
+    widths = (12, 21, 5, 14, 8, 10, 8, 7, 8, 9, 12)
+    def row(cells):
+        text = [f"{c:<{w}}" if i < 5 else f"{c:>{w}}"
+                for i, (c, w) in enumerate(zip(cells, widths))]
+        return " ".join(text) if len(cells) == len(widths) else " ".join(text[:5]) + " " + cells[5]
+    header = row(_COLUMNS)
+    return "\n".join([header, "-" * len(header)] + [row(_cells(r)) for r in results])
+
+
+def format_markdown(results, settings, left_out=()):
+    """The table as Markdown, with the run's settings and what was left out, for a README."""
+    lines = [f"*{settings}.*", "", "| " + " | ".join(_COLUMNS) + " |",
+             "|" + "|".join("---" if i < 5 else "---:" for i in range(len(_COLUMNS))) + "|"]
     for r in results:
-        shape = "x".join(map(str, r["shape"]))
-        head = f"{r['contender']:<12} {r['op']:<21} {r['layout']:<5} {shape:<14} {r['dtype']:<8} "
-        if "skipped" in r:
-            lines.append(head + f"skipped: {r['skipped']}")
-            continue
-        vs, vs90 = (f"{r[k]:.2f}x" if r[k] else "-"
-                    for k in ("speedup_vs_torch", "p90_speedup_vs_torch"))
-        lines.append(head + f"{r['median_s'] * 1e3:>10.3f} {r['p90_s'] * 1e3:>8.3f} "
-                            f"{r['gbps']:>7.1f} {r['floor_ratio']:>8.2f} {vs:>9} {vs90:>12}")
+        cells = _cells(r)
+        cells += [""] * (len(_COLUMNS) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    if left_out:
+        lines += [""] + [f"- `{name}` left out: {why}" for name, why in left_out]
     return "\n".join(lines)
 
 
@@ -420,8 +449,8 @@ def plot(results, path):
         import matplotlib.pyplot as plt
         import matplotlib.ticker
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib "
-                         "(or pip install fastbn[bench])") from None
+        raise SystemExit(f"--plot needs matplotlib: {install_hint('matplotlib', 'bench')}") \
+            from None
     rows = [r for r in results if "skipped" not in r]
     cases = list(dict.fromkeys((r["op"], r["layout"], r["dtype"]) for r in rows))
     contenders = list(dict.fromkeys(r["contender"] for r in rows))

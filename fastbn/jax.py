@@ -13,7 +13,11 @@ the host: CPU arrays) and the gradient is fastbn's backward, wired in with
 from functools import partial
 from typing import Any, NamedTuple
 
-import jax
+try:
+    import jax
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    from ._hints import install_hint
+    raise ImportError(f"fastbn.jax needs JAX: {install_hint('jax', 'jax')}") from exc
 import jax.numpy as jnp
 import numpy as np
 

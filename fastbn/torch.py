@@ -22,7 +22,9 @@ fastbn's kernels do not provide. torch is imported when this module is, never by
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("fastbn.torch needs PyTorch: pip install 'fastbn[torch]'") from exc
+    from ._hints import install_hint
+    raise ImportError(f"fastbn.torch needs PyTorch: {install_hint('torch==2.13.0', 'torch')}") \
+        from exc
 
 from . import _api
 from ._validate import check_activation
@@ -434,6 +436,9 @@ class _FastbnBatchNorm:
     def extra_repr(self):
         text = super().extra_repr()
         return text + f", activation={self.activation!r}" if self.activation else text
+
+    def _get_name(self):  # print(model) shows which batch norms fastbn runs
+        return f"fastbn.torch.{type(self).__name__}"
 
 
 class BatchNorm1d(_FastbnBatchNorm, torch.nn.BatchNorm1d):

@@ -64,7 +64,7 @@ def test_unavailable_without_cupy_says_how_to_install(monkeypatch):
                         lambda name, *args: None if name == "cupy" else real(name, *args))
     ok, reason = backend.is_available()
     assert not ok
-    assert "pip install fastbn[cupy]" in reason
+    assert "pip install cupy-cuda13x" in reason and '".[cupy]"' in reason
 
 
 def test_availability_has_a_reason():

@@ -375,8 +375,9 @@ def test_module_activation_keyword_repr_and_pickle():
     bn = ft.BatchNorm2d(4, eps=1e-3, activation="relu")
     assert bn.activation == "relu"
     assert "activation='relu'" in repr(bn)
-    assert repr(ft.BatchNorm2d(4)) == repr(nn.BatchNorm2d(4))  # no activation: as torch's
-    assert repr(ft.BatchNorm1d(4, activation=None)) == repr(nn.BatchNorm1d(4))
+    # no activation: torch's text after fastbn's class name
+    assert repr(ft.BatchNorm2d(4)) == "fastbn.torch." + repr(nn.BatchNorm2d(4))
+    assert repr(ft.BatchNorm1d(4, activation=None)) == "fastbn.torch." + repr(nn.BatchNorm1d(4))
     with pytest.raises(ValueError, match="activation"):
         ft.BatchNorm3d(4, activation="gelu")
     with pytest.raises(ValueError, match="activation"):

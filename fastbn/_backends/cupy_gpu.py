@@ -6,7 +6,7 @@ dtype, and kept; each call picks the kernel by name
 allocates its outputs with CuPy on the input's device and launches on the
 current stream. Nothing here touches the host: no synchronisation, no copy.
 
-CuPy is an optional extra (``pip install fastbn[cupy]``) and is imported only
+CuPy is an optional extra (``cupy``) and is imported only
 when a kernel first runs or :meth:`CupyBackend.is_available` is asked, so this
 module imports everywhere; the planning helpers (:func:`index_type`,
 :func:`plan_reduce_planes`, ...) are plain functions of shapes, testable
@@ -38,6 +38,7 @@ import threading
 
 import numpy as np
 
+from .._hints import missing
 from .._registry import Backend
 
 # --- constants shared with bn_cuda.cu -------------------------------------------------
@@ -75,7 +76,7 @@ KERNELS = ("bn_stats_planes", "bn_stats_rows", "bn_normalize_planes", "bn_normal
            "bn_backward_elemt_relu_planes", "bn_backward_elemt_relu_rows")
 INDEX_TYPES = ("i32", "i64")
 
-_INSTALL_HINT = "cupy is not installed (pip install fastbn[cupy])"
+_INSTALL_HINT = missing("cupy", "cupy-cuda13x", "cupy")
 
 
 def kernel_name(kernel, dtype, index):

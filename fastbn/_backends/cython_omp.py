@@ -26,6 +26,19 @@ def _kernels():
     return _module
 
 
+def unbuilt_reason(exc):
+    """Why the compiled extension cannot be used, and what to do (one wording for
+    ``fastbn info`` and this backend's availability)."""
+    import os
+    reason = f"the compiled extension fastbn._kernels._bn_omp failed to import ({exc})"
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.exists(os.path.join(checkout, "setup.py")):
+        return (reason + f"; this fastbn was imported from its source checkout {checkout}, "
+                f"which is not compiled: run from another directory to use the installed "
+                f"fastbn, or build the checkout in place with `pip install -e .`")
+    return reason + "; reinstall fastbn on a machine with a C compiler"
+
+
 def _bits(a):
     """16-bit float arrays (float16, ml_dtypes' bfloat16) travel to the kernels as
     uint16 views (no copy)."""
@@ -69,8 +82,7 @@ class CythonBackend(Backend):
         try:
             _kernels()
         except Exception as exc:  # noqa: BLE001 - any import failure means unavailable
-            return False, (f"the compiled extension fastbn._kernels._bn_omp failed to import "
-                           f"({type(exc).__name__}: {exc}); reinstall fastbn with a C compiler")
+            return False, unbuilt_reason(f"{type(exc).__name__}: {exc}")
         return True, ""
 
     def stats(self, x3):

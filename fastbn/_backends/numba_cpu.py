@@ -20,10 +20,11 @@ import threading
 
 import numpy as np
 
+from .._hints import missing
 from .._registry import Backend
 from .._threads import get_num_threads
 
-_INSTALL_HINT = "numba is not installed (pip install fastbn[numba])"
+_INSTALL_HINT = missing("numba", "numba", "numba")
 # stat dtype and (for 16-bit formats) the integer view the kernels take, by dtype
 # name: ml_dtypes' bfloat16 is known by name, so nothing here imports ml_dtypes
 _STAT = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32,
