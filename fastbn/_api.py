@@ -329,6 +329,12 @@ def _synced_train_backward(view, backend, dy3, y3, dz3, mean, invstd, weight, dx
 
 # --- public functions ---------------------------------------------------------------
 
+def _is_dask(a):
+    """A Dask collection, told by its type's module: dask is an optional extra that
+    ``import fastbn`` never imports."""
+    return type(a).__module__.startswith("dask.")
+
+
 def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, axis=1, activation=None,
                        residual=None, out=None, backend=None):
@@ -408,6 +414,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     >>> bool(abs(y.mean()) < 1e-5)
     True
     """
+    if _is_dask(x):  # a graph of calls on chunks (docs/dask.md)
+        from . import _dask
+        return _dask.forward(x, weight, bias, running_mean, running_var, training, momentum,
+                             eps, axis, activation, residual, out, backend)
     return forward_any_array(x, weight, bias, running_mean, running_var, training, momentum,
                              eps, axis, activation, residual, out, backend)
 
@@ -571,6 +581,10 @@ def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis
         ``(dx, dweight, dbias)``, and ``dresidual`` when ``residual``; ``dweight`` and
         ``dbias`` in the statistics dtype.
     """
+    if _is_dask(x):  # a graph of calls on chunks (docs/dask.md)
+        from . import _dask
+        return _dask.backward(dy, x, mean, invstd, weight, training, axis, activation, y,
+                              residual, backend)
     return backward_any_array(dy, x, mean, invstd, weight, training, axis, activation, y,
                               residual, backend)
 
