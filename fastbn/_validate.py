@@ -507,3 +507,14 @@ def state_entries(state, expected, num_features, stat_dtype):
         entries[key] = value.astype(stat_dtype)
     return entries
 
+
+# --- distributed -----------------------------------------------------------------------
+
+def check_comm(comm, intracomm):
+    """An mpi4py intracommunicator (``intracomm`` is ``MPI.Intracomm``, passed in so that
+    this module never imports mpi4py); MPI.COMM_NULL is not one."""
+    if not isinstance(comm, intracomm):
+        got = f"{type(comm).__module__}.{type(comm).__qualname__}".replace("builtins.", "")
+        raise ArgumentTypeError(f"comm: expected an mpi4py intracommunicator (e.g. "
+                                f"MPI.COMM_WORLD or a Split of it), got {got}")
+    return comm

@@ -528,3 +528,5 @@ def convert(model, *, backend=None, fuse_relu=False):
     if fuse_relu:
         _fuse_relus(model)
     return model
+
+from ._torch_sync import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402,F401 (MPI)
