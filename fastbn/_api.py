@@ -291,8 +291,9 @@ def _synced_train_forward(view, device, backend, weight, bias, eps, y3, fresh, e
     n = int(n)
     check_whole_batch_count(n)
     mean, m2 = _in_stat_dtype(view, mean, m2)
-    if n == 0:  # every part empty: NaN statistics, as an empty batch gets
+    if n == 0:  # every part empty: NaN statistics, as an empty batch gets (and no 0/0)
         mean = view.xp.full_like(mean, view.xp.nan)
+        return n, mean, m2, mean.copy()
     invstd = _invstd(view.xp, m2 / n, eps)
     if view.x3.size:
         _registry.dispatch(device, name_of(view.x3.dtype), view.family, backend,

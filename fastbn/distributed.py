@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _api
 from ._arrays import Interop
+from ._hints import install_hint
 from ._merge import Moments, merge_all
 from ._validate import array_module, check_comm
 from .layer import BatchNorm
@@ -33,8 +34,8 @@ def _mpi():
     try:
         from mpi4py import MPI
     except ImportError as exc:
-        raise ImportError('fastbn.distributed needs mpi4py: pip install "fastbn[mpi]" '
-                          '(or pip install mpi4py mpich)') from exc
+        raise ImportError(f"fastbn.distributed needs mpi4py: "
+                          f"{install_hint('mpi4py mpich', 'mpi')}") from exc
     return MPI
 
 
