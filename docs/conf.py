@@ -10,6 +10,7 @@ The API reference is generated from the numpydoc docstrings of the installed
 heading, so README.md stays the one source.
 """
 import importlib
+import os
 import re
 from pathlib import Path
 
@@ -72,35 +73,71 @@ intersphinx_mapping = {}              # offline build: no inventories fetched
 suppress_warnings = []
 
 
-# -- README.md's sections as pages ----------------------------------------------------
-# README links to repository paths that are not pages of this site, and the page that
-# shows them (paths as README.md writes them; the include's ``relative-docs: docs/``
-# makes them relative to the including page).
-_README_LINKS = {"examples/plugin/": "docs/examples.md#fastbn-example-plugin"}
+# -- included markdown: README.md's sections as pages, examples/README.md ------------
+ROOT = Path(__file__).resolve().parent.parent
+# Repository paths that are no page of this site but are shown on one (links to them
+# go there); every other link to a file of the repository that is not a page becomes
+# a download link (Sphinx copies the file into the site).
+_SHOWN_ON = {"examples/plugin": "examples.md#fastbn-example-plugin",
+             "CHANGELOG.md": "changelog.md"}
+_LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 
 
-def _readme_headings(app, relative_path, parent_docname, content):
-    """A README section on its own page: the page's title stands for the section's
-    ``##`` heading, so the section's ``###`` headings become the page's ``##``.
-
-    Applies to every include of README.md (index.md includes only the introduction,
-    which has no headings). Lines inside fenced code blocks are left alone.
-    """
-    if Path(relative_path) != Path("../README.md"):
-        return
-    out, fence = [], None
-    for line in content[0].split("\n"):
+def _fenced(lines):
+    """(line, inside a fenced code block) for each line of markdown."""
+    fence = None
+    for line in lines:
         marker = re.match(r"\s*(`{3,}|~{3,})", line)
-        if marker:
-            if fence is None:
-                fence = marker.group(1)[0]
-            elif marker.group(1)[0] == fence:
-                fence = None
-        elif fence is None and line.startswith("###"):
-            line = line[1:]
-        elif fence is None:
-            for target, page in _README_LINKS.items():
-                line = line.replace(f"]({target})", f"]({page})")
+        if marker and fence is None:
+            fence = marker.group(1)[0]
+            yield line, True
+        elif marker and marker.group(1)[0] == fence:
+            fence = None
+            yield line, True
+        else:
+            yield line, fence is not None
+
+
+def _included_markdown(app, relative_path, parent_docname, content):
+    """Adapt a markdown file of the repository to the page that includes it.
+
+    - README.md: a README section on its own page has the page's title for its ``##``
+      heading, so the section's ``###`` headings become ``##`` (index.md includes only
+      the introduction, which has no headings).
+    - Links (in any included markdown file of the repository): resolved against the
+      included file's folder; a page of this site becomes a link to it, a path of
+      ``_SHOWN_ON`` a link to the page that shows it, any other existing file a
+      download link. Images are left to the include's ``relative-images`` option.
+    """
+    source = (Path(app.srcdir) / relative_path).resolve()
+    if source.suffix != ".md" or ROOT not in source.parents:
+        return
+    page_dir = (Path(app.srcdir) / app.env.docname).parent
+
+    def link(match):
+        bang, text, target = match.groups()
+        if bang or re.match(r"[a-zA-Z][a-zA-Z+.-]*:|#", target):
+            return match.group(0)
+        path, _, anchor = target.partition("#")
+        resolved = (source.parent / path).resolve()
+        repo_path = resolved.relative_to(ROOT).as_posix() if ROOT in resolved.parents else None
+        if repo_path in _SHOWN_ON:
+            new = Path(app.srcdir, _SHOWN_ON[repo_path]).as_posix()
+        elif resolved.suffix == ".md" and Path(app.srcdir) in resolved.parents:
+            new = resolved.as_posix() + (f"#{anchor}" if anchor else "")
+        elif resolved.is_file():
+            return f"[{text}](path:{os.path.relpath(resolved, page_dir)})"
+        else:
+            return match.group(0)   # a broken link: the build says so
+        return f"[{text}]({os.path.relpath(new, page_dir)})"
+
+    readme = source == ROOT / "README.md"
+    out = []
+    for line, in_code in _fenced(content[0].split("\n")):
+        if not in_code:
+            if readme and line.startswith("###"):
+                line = line[1:]
+            line = _LINK.sub(link, line)
         out.append(line)
     content[0] = "\n".join(out)
 
@@ -135,5 +172,5 @@ def _drop_left_out_pages(app, docname, source):
 
 def setup(app):
     app.connect("source-read", _drop_left_out_pages)
-    app.connect("include-read", _readme_headings)
+    app.connect("include-read", _included_markdown)
     app.connect("autodoc-process-docstring", _module_usage_as_code)
