@@ -24,6 +24,9 @@ import numpy as np
 from . import _api
 
 
+__all__ = ["BatchNormResult", "batch_norm"]
+
+
 class BatchNormResult(NamedTuple):
     """``y`` and the running statistics after this call (None when not tracked)."""
 

@@ -31,6 +31,9 @@ from ._validate import check_activation
 from ._torch_fold import fold  # noqa: F401 (fastbn.torch.fold)
 from ._torch_recalibrate import recalibrate  # noqa: F401 (fastbn.torch.recalibrate)
 
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert",
+           "convert_sync_batchnorm", "fold", "recalibrate"]
+
 Tensor = torch.Tensor
 
 
