@@ -58,8 +58,9 @@ def main(argv=None):
     parser.add_argument("--max-increase", type=float, default=10.0, metavar="PERCENT",
                         help="largest allowed growth of a floor ratio (default 10)")
     parser.add_argument("--field", default="floor_ratio",
-                        help="the extra_info ratio to compare: floor_ratio (medians, default) "
-                             "or floor_ratio_min (minima: steadier where other processes "
+                        help="the ratio to compare (pytest-benchmark extra_info or a "
+                             "`fastbn bench --json` row): floor_ratio (medians, default) or "
+                             "floor_ratio_min (minima: steadier where other processes "
                              "preempt the benchmark)")
     parser.add_argument("--contender", action="append", metavar="NAME",
                         help="only this contender's benchmarks (repeatable), e.g. cython")

@@ -79,8 +79,9 @@ def is_control(key):
 
 def label(path):
     with open(path) as f:
-        revision = json.load(f).get("git_revision")
-    return revision or os.path.splitext(os.path.basename(path))[0]
+        run = json.load(f)
+    return run.get("label") or run.get("git_revision") or \
+        os.path.splitext(os.path.basename(path))[0]
 
 
 def main():

@@ -58,6 +58,9 @@ def _parser():
     bench.add_argument("--warm", action="store_true",
                        help="don't flush the caches between timed calls (default: cold)")
     bench.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    bench.add_argument("--label", metavar="TEXT",
+                       help="a name for this run, saved in the JSON (e.g. the version or "
+                            "commit when fastbn is not run from a git checkout)")
     bench.add_argument("--markdown", action="store_true",
                        help="print the table as Markdown (for a README), with the run's "
                             "settings and skipped contenders")
@@ -102,7 +105,8 @@ def _bench(args):
         print(bench.format_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "git_revision": bench.git_revision()}, f, indent=1)
+            json.dump({"results": results, "git_revision": bench.git_revision(),
+                       "label": args.label}, f, indent=1)
         print(f"saved {args.json}")
     if args.plot:
         bench.plot(results, args.plot)

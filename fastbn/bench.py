@@ -70,12 +70,13 @@ class Case:
 
 
 def git_revision():
-    """The checkout's git revision, when fastbn runs from one (else None)."""
+    """The checkout's git revision, ``-dirty`` when its tree has uncommitted changes,
+    when fastbn runs from one (else None: label the run with ``--label``)."""
     import os
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=here,
                              capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -385,7 +386,9 @@ def run_cases(cases, contenders, *, threads=None, repeats=15, progress=None, col
                 results.append(dict(row, skipped=skipped[name]))
                 continue
             median, tail = statistics.median(times[name]), p90(times[name])
-            results.append(dict(row, median_s=median, p90_s=tail,
+            fastest = min(times[name])
+            results.append(dict(row, median_s=median, p90_s=tail, min_s=fastest,
+                                floor_ratio_min=fastest / min(floor_times),
                                 gbps=case.bytes_moved / median / 1e9,
                                 floor_ratio=median / floor,
                                 speedup_vs_torch=(torch_median / median

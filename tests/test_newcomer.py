@@ -106,3 +106,20 @@ def test_print_converted_model_shows_fastbn():
     text = str(fastbn.torch.convert(model))
     assert "(1): fastbn.torch.BatchNorm2d(4, eps=1e-05" in text
     assert "(0): Conv2d(" in text
+
+
+def test_bench_json_carries_label_revision_and_minima(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    main(["bench", "--layout", "NC", "--shape", "16,4", "--op", "inference", "--repeats", "2",
+          "--backend", "numpy", "--json", str(path), "--label", "v1-candidate"])
+    import json
+    run = json.loads(path.read_text())
+    assert run["label"] == "v1-candidate"
+    if run["git_revision"] is not None:  # a checkout: uncommitted changes are named
+        import subprocess
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert run["git_revision"].endswith("-dirty") == bool(dirty)
+    row = run["results"][0]
+    assert 0 < row["min_s"] <= row["median_s"] <= row["p90_s"]
+    assert row["floor_ratio_min"] > 0
