@@ -302,18 +302,27 @@ def _synced_train_forward(view, device, backend, weight, bias, eps, y3, fresh, e
     return n, mean, m2, invstd
 
 
+def _local_sums(view, backend, dy3, y3, mean):
+    """(count, sum_dy, sum_dy_xmu) of this part on one backend (0 and zeros when empty);
+    ``dy`` is masked by the relu of the saved output ``y3`` when given."""
+    xp = view.xp
+    if view.x3.size == 0:
+        return 0, xp.zeros_like(mean), xp.zeros_like(mean)
+    sums = _registry.dispatch(device_of(xp), name_of(view.x3.dtype), view.family, backend,
+                              lambda be: _Gradient(be, view, dy3, y3, None).reduce(mean))
+    return (view.count, *sums)
+
+
 def _synced_train_backward(view, backend, dy3, y3, dz3, mean, invstd, weight, dx3, sync):
     """This part's reductions, ``sync``, then this part's dx from the whole batch's sums:
-    (sum_dy, sum_dy_xmu) of the whole batch."""
-    xp, c = view.xp, view.x3.shape[1]
-    device, dtype = device_of(xp), name_of(view.x3.dtype)
+    ``(sum_dy, sum_dy_xmu)`` of the whole batch, and this part's ``(sum_dy, sum_dy_xmu)``
+    (None when the sync did not ask for them)."""
+    device, dtype = device_of(view.xp), name_of(view.x3.dtype)
+    part = []
 
     def local():
-        if view.x3.size == 0:
-            return 0, xp.zeros_like(mean), xp.zeros_like(mean)
-        sums = _registry.dispatch(device, dtype, view.family, backend,
-                                  lambda be: _Gradient(be, view, dy3, y3, dz3).reduce(mean))
-        return (view.count, *sums)
+        part.extend(_local_sums(view, backend, dy3, y3, mean)[1:])
+        return (view.count if view.x3.size else 0, *part)
 
     n, sum_dy, sum_dy_xmu = sync.sums(local)
     sum_dy, sum_dy_xmu = _in_stat_dtype(view, sum_dy, sum_dy_xmu)
@@ -325,7 +334,7 @@ def _synced_train_backward(view, backend, dy3, y3, dz3, mean, invstd, weight, dx
         _registry.dispatch(device, dtype, view.family, backend,
                            lambda be: _Gradient(be, view, dy3, y3, dz3).elemt(
                                mean, k_dy, k_x, k_c, dx3))
-    return sum_dy, sum_dy_xmu
+    return sum_dy, sum_dy_xmu, (part or None)
 
 
 # --- public functions ---------------------------------------------------------------
@@ -591,9 +600,9 @@ def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis
 
 
 def backward_any_array(dy, x, mean, invstd, weight, training, axis, activation, y, residual,
-                       backend, sync=None):
-    """batch_norm_backward for any supported array library, with the optional ``sync`` of
-    :func:`_backward`."""
+                       backend, sync=None, part_parameter_grads=False):
+    """batch_norm_backward for any supported array library, with the optional ``sync`` and
+    ``part_parameter_grads`` of :func:`_backward`."""
     io = Interop(x)
     if not io.passthrough:
         dy, x, mean, invstd, weight, y = (
@@ -602,23 +611,33 @@ def backward_any_array(dy, x, mean, invstd, weight, training, axis, activation, 
                 (y, "y")))
     with device_scope(x):
         dx, dweight, dbias, dz = _backward(dy, x, mean, invstd, weight, training, axis,
-                                           activation, y, residual, backend, sync)
+                                           activation, y, residual, backend, sync,
+                                           part_parameter_grads)
     if dz is None:
         return BackwardResult(io.wrap(dx), io.wrap(dweight), io.wrap(dbias))
     return ResidualBackwardResult(io.wrap(dx), io.wrap(dweight), io.wrap(dbias), io.wrap(dz))
 
 
-def _backward(dy, x, mean, invstd, weight, training, axis, activation, y, residual, backend,
-              sync=None):
-    """Validate, view and dispatch; returns (dx, dweight, dbias, dresidual or None).
+class _BackwardInputs(NamedTuple):
+    """A backward call's arguments, validated, on the canonical view."""
 
-    ``sync`` (training only): a :class:`Sync` that turns this call's reductions into
-    those of the whole batch it is a part of."""
+    view: Any
+    dy3: Any
+    y3: Any          # the saved output (relu), else None
+    mean: Any
+    invstd: Any
+    weight: Any      # None: a scale of 1
+    relu: bool
+    residual: bool
+    training: bool
+
+
+def _backward_inputs(dy, x, mean, invstd, weight, training, axis, activation, y, residual):
+    """Validate a backward call's arguments (nothing is computed or written)."""
     view = canonical(x, axis)
     training = check_flag(training, "training")
     relu = check_activation(activation)
     residual = check_flag(residual, "residual")
-    xp = view.xp
     check_like_x(dy, "dy", view)
     check_saved_output(y, relu, view)
     dtype = name_of(view.x3.dtype)
@@ -626,27 +645,57 @@ def _backward(dy, x, mean, invstd, weight, training, axis, activation, y, residu
     mean = required_channel_vector(mean, "mean", view, _FLOATS, stat)
     invstd = required_channel_vector(invstd, "invstd", view, _FLOATS, stat)
     weight = channel_vector(weight, "weight", view, {dtype, stat}, stat)
-    c = view.x3.shape[1]
+    return _BackwardInputs(view, view.like(dy), view.like(y) if relu else None, mean, invstd,
+                           weight, relu, residual, training)
+
+
+def _backward(dy, x, mean, invstd, weight, training, axis, activation, y, residual, backend,
+              sync=None, part_parameter_grads=False):
+    """Validate, view and dispatch; returns (dx, dweight, dbias, dresidual or None).
+
+    ``sync`` (training only): a :class:`Sync` that turns this call's reductions into
+    those of the whole batch it is a part of; dweight and dbias are then the whole
+    batch's, or this part's share with ``part_parameter_grads`` (torch's SyncBatchNorm
+    convention: DDP adds the shares)."""
+    inputs = _backward_inputs(dy, x, mean, invstd, weight, training, axis, activation, y,
+                              residual)
+    view, dy3, y3, mean, invstd, weight, relu, residual, training = inputs
+    xp, c = view.xp, view.x3.shape[1]
     synced = training and sync is not None
     if view.x3.size == 0 and not synced:  # an empty batch: empty dx, zero weight/bias gradients
-        zeros = xp.zeros(c, dtype=stat)
+        zeros = xp.zeros(c, dtype=mean.dtype)
         dz = (xp.empty_like(x) if relu else dy) if residual else None
         return xp.empty_like(x), zeros, zeros.copy(), dz
     if weight is None:
-        weight = xp.ones(c, dtype=stat)
-    dy3 = view.like(dy)
-    y3 = view.like(y) if relu else None
+        weight = xp.ones(c, dtype=mean.dtype)
     dx3, dx = view.empty()
     dz3, dz = view.empty() if residual and relu else (None, dy if residual else None)
     if synced:
-        sum_dy, sum_dy_xmu = _synced_train_backward(view, backend, dy3, y3, dz3, mean, invstd,
-                                                    weight, dx3, sync)
+        sum_dy, sum_dy_xmu, part = _synced_train_backward(view, backend, dy3, y3, dz3, mean,
+                                                          invstd, weight, dx3, sync)
+        if part_parameter_grads:
+            sum_dy, sum_dy_xmu = part
         return dx, sum_dy_xmu * invstd, sum_dy, dz
     compose = _train_backward if training else _eval_backward
     sum_dy, sum_dy_xmu = _registry.dispatch(
-        device_of(xp), dtype, view.family, backend,
+        device_of(xp), name_of(view.x3.dtype), view.family, backend,
         lambda be: compose(_Gradient(be, view, dy3, y3, dz3), mean, invstd, weight, dx3))
     return dx, sum_dy_xmu * invstd, sum_dy, dz
+
+
+def local_backward_sums(dy, x, mean, invstd, axis=1, activation=None, y=None, backend=None):
+    """``(count, sum_dy, sum_dy_xmu)`` of one part of a batch (count 0 for an empty part),
+    from a backend's reduction kernel, validated as :func:`batch_norm_backward` validates
+    its arguments; vectors in x's array library."""
+    io = Interop(x)
+    if not io.passthrough:
+        dy, x, mean, invstd, y = (io.native(a, name) for a, name in (
+            (dy, "dy"), (x, "x"), (mean, "mean"), (invstd, "invstd"), (y, "y")))
+    with device_scope(x):
+        inputs = _backward_inputs(dy, x, mean, invstd, None, True, axis, activation, y, False)
+        n, sum_dy, sum_dy_xmu = _local_sums(inputs.view, backend, inputs.dy3, inputs.y3,
+                                            inputs.mean)
+    return n, io.wrap(sum_dy), io.wrap(sum_dy_xmu)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,

@@ -46,7 +46,8 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from . import _registry
 from ._api import (_FLOATS, BackwardResult, ForwardResult, ResidualBackwardResult, Sync,
-                   backward_any_array, forward_any_array, local_moments)
+                   backward_any_array, forward_any_array, local_backward_sums,
+                   local_moments)
 from ._merge import Moments, merge_all
 from ._registry import ArgumentError, ArgumentTypeError
 from ._validate import (STAT_DTYPE, Canonical, channel_vector, check_activation, check_axis,
@@ -77,23 +78,6 @@ class _GivenSums(Sync):
 
     def sums(self, local):
         return self.whole_batch_sums
-
-
-class _PartSums(Exception):
-    """Carries one chunk's backward sums out of the synced backward, before its dx pass."""
-
-    def __init__(self, sums):
-        super().__init__("a chunk's backward sums (caught in fastbn._dask)")
-        self.sums = sums
-
-
-class _ReduceOnly(Sync):
-    """Stops the synced backward once the chunk's sums are known: its dx needs the whole
-    batch's sums, which a later task hands in (fastbn._api has no reduce-only entry, and
-    this way the chunk's reductions run through the same code as every other call)."""
-
-    def sums(self, local):
-        raise _PartSums(local())
 
 
 # --- task functions (module-level: pickled to dask.distributed workers) -------------------
@@ -133,12 +117,7 @@ def _concat_moments(parts):
 
 def _chunk_sums(dy, x, mean, invstd, axis, activation, y, backend):
     """(count, sum_dy, sum_dy_xmu) of one chunk."""
-    try:
-        backward_any_array(dy, x, mean, invstd, None, True, axis, activation, y, False,
-                           backend, _ReduceOnly())
-    except _PartSums as reduced:
-        return reduced.sums
-    raise AssertionError("fastbn's synced backward returned without asking for the sums")
+    return local_backward_sums(dy, x, mean, invstd, axis, activation, y, backend)
 
 
 def _add_parts(parts):

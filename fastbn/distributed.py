@@ -19,7 +19,6 @@ has the design.
 import numpy as np
 
 from . import _api
-from ._arrays import Interop
 from ._hints import install_hint
 from ._merge import Moments, merge_all
 from ._validate import array_module, check_comm
@@ -76,14 +75,10 @@ class MPISync(_api.Sync):
     Attributes
     ----------
     comm : mpi4py.MPI.Intracomm
-    local_sums : tuple or None
-        ``(count, sum_dy, sum_dy_xmu)`` of this rank in the last :meth:`sums` call
-        (what the torch adapter's local parameter gradients are made of).
     """
 
     def __init__(self, comm=None):
         self.comm = communicator(comm)
-        self.local_sums = None
 
     def stats(self, local):
         count, mean, m2 = local()
@@ -92,8 +87,7 @@ class MPISync(_api.Sync):
         return merge_all(Moments(int(p[0]), p[1:1 + c], p[1 + c:]) for p in parts)
 
     def sums(self, local):
-        self.local_sums = local()
-        parts = self._allgather(*self.local_sums)
+        parts = self._allgather(*local())
         total = parts[0].copy()
         for part in parts[1:]:  # in rank order, the same on every rank
             total += part
@@ -191,18 +185,8 @@ def _sync_backward(dy, x, mean, invstd, weight, training, axis, activation, y, r
                    backend, comm, local_parameter_grads=False):
     """sync_batch_norm_backward; with ``local_parameter_grads`` the returned dweight and
     dbias are this rank's own share (torch's SyncBatchNorm convention), dx unchanged."""
-    sync = MPISync(comm)
-    result = _api.backward_any_array(dy, x, mean, invstd, weight, training, axis, activation, y,
-                                     residual, backend, sync)
-    if not (local_parameter_grads and training):
-        return result
-    # the core's dweight = sum_dy_xmu * invstd, with this rank's sums in place of the whole's
-    io = Interop(x)
-    if not io.passthrough:
-        invstd = io.native(invstd, "invstd")
-    _, sum_dy, sum_dy_xmu = sync.local_sums  # in the stat dtype, x's array module
-    dweight = sum_dy_xmu * invstd.astype(sum_dy_xmu.dtype, copy=False)
-    return result._replace(dweight=io.wrap(dweight), dbias=io.wrap(sum_dy))
+    return _api.backward_any_array(dy, x, mean, invstd, weight, training, axis, activation, y,
+                                   residual, backend, MPISync(comm), local_parameter_grads)
 
 
 class SyncBatchNorm(BatchNorm):
