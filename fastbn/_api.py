@@ -5,7 +5,7 @@ statistics) so that each backend only moves data: see the composition below.
 """
 from typing import Any, NamedTuple
 
-from . import _registry
+from . import _fastpath, _registry
 from ._arrays import Interop, device_scope
 from ._merge import Moments
 from ._registry import WRITE_AND_REDUCE_KERNELS
@@ -424,6 +424,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     >>> bool(abs(y.mean()) < 1e-5)
     True
     """
+    fast = _fastpath.forward(x, weight, bias, running_mean, running_var, training, momentum,
+                             eps, axis, activation, residual, out, backend)
+    if fast is not None:
+        return ForwardResult(*fast)
     if _is_dask(x):  # a graph of calls on chunks (docs/dask.md)
         from . import _dask
         return _dask.forward(x, weight, bias, running_mean, running_var, training, momentum,
@@ -591,6 +595,10 @@ def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis
         ``(dx, dweight, dbias)``, and ``dresidual`` when ``residual``; ``dweight`` and
         ``dbias`` in the statistics dtype.
     """
+    fast = _fastpath.backward(dy, x, mean, invstd, weight, training, axis, activation, y,
+                              residual, backend)
+    if fast is not None:
+        return BackwardResult(*fast)
     if _is_dask(x):  # a graph of calls on chunks (docs/dask.md)
         from . import _dask
         return _dask.backward(dy, x, mean, invstd, weight, training, axis, activation, y,
