@@ -1,7 +1,7 @@
 """The common call, recognised in a few attribute checks and sent straight to the kernels.
 
-Most calls are the same: a C-contiguous float32/float64 NumPy ``x`` with channels on
-axis 1, per-channel NumPy vectors in x's dtype, no epilogue, no ``out``, and the
+Most calls are the same: a C-contiguous float32/float64 NumPy ``x`` (channels on any
+axis: NCHW, NHWC with ``axis=-1``, NC), per-channel NumPy vectors in x's dtype, no epilogue, no ``out``, and the
 Cython backend chosen by automatic selection. For those, the general path's
 validation, canonical view, dispatch and result checks cost 15-20 µs warm, and
 several times that when the interpreter's own working set has been evicted from the
@@ -43,22 +43,25 @@ def _vector(v, c, dtype, writable=False):
                          and v.flags.c_contiguous and (not writable or v.flags.writeable))
 
 
-def _planes(x):
-    """(O, C, I) of a plain NumPy ``x`` with channels on axis 1, or None."""
+def _planes(x, axis):
+    """(O, C, I) of a plain, C-contiguous NumPy ``x`` with channels on ``axis``, or None."""
     if type(x) is not np.ndarray or x.dtype not in _STAT or x.ndim < 2 \
-            or not x.flags.c_contiguous or not x.flags.aligned or x.size == 0:
+            or not x.flags.c_contiguous or not x.flags.aligned or x.size == 0 \
+            or type(axis) is not int or not -x.ndim <= axis < x.ndim:
         return None
     shape = x.shape
-    return shape[0], shape[1], x.size // (shape[0] * shape[1])
+    c = shape[axis]
+    o = math.prod(shape[:axis % x.ndim])
+    return o, c, x.size // (o * c)
 
 
 def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
             activation, residual, out, backend):
     """(y, mean, invstd) of a recognised batch_norm_forward call, else None."""
-    if axis != 1 or activation is not None or residual is not None or out is not None \
+    if activation is not None or residual is not None or out is not None \
             or backend is not None or type(eps) is not float or not 0.0 < eps < math.inf:
         return None
-    dims = _planes(x)
+    dims = _planes(x, axis)
     if dims is None:
         return None
     o, c, i = dims
@@ -106,10 +109,10 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
 def backward(dy, x, mean, invstd, weight, training, axis, activation, y, residual, backend):
     """(dx, dweight, dbias) of a recognised batch_norm_backward call in training mode,
     else None."""
-    if training is not True or axis != 1 or activation is not None or y is not None \
+    if training is not True or activation is not None or y is not None \
             or residual is not False or backend is not None:
         return None
-    dims = _planes(x)
+    dims = _planes(x, axis)
     if dims is None or type(dy) is not np.ndarray or dy.dtype is not x.dtype \
             or dy.shape != x.shape or not dy.flags.c_contiguous or not dy.flags.aligned:
         return None

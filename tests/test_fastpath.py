@@ -10,6 +10,7 @@ pytestmark = pytest.mark.skipif(not fastbn.get_backend("cython").is_available()[
                                 reason="the cython backend is not built here")
 
 SHAPES = [(64, 16), (8, 16, 7), (4, 16, 5, 5), (2, 16, 3, 4, 5), (3, 1, 1000)]
+AXES = [1, -1]
 
 
 def _args(rng, shape, dtype):
@@ -20,22 +21,32 @@ def _args(rng, shape, dtype):
     return x, w, b, rm, rv
 
 
+def _args_on(rng, shape, dtype, axis):
+    """_args with the channels on ``axis`` (shape given channels second)."""
+    if axis == 1:
+        return _args(rng, shape, dtype)
+    moved = shape[:1] + shape[2:] + shape[1:2]
+    x, *vectors = _args(rng, shape, dtype)
+    return (np.ascontiguousarray(np.moveaxis(x, 1, -1)).reshape(moved), *vectors)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-def test_forward_equals_general_path(rng, shape, dtype, training, affine):
-    x, w, b, rm, rv = _args(rng, shape, dtype)
+@pytest.mark.parametrize("axis", AXES)
+def test_forward_equals_general_path(rng, shape, dtype, training, affine, axis):
+    x, w, b, rm, rv = _args_on(rng, shape, dtype, axis)
     if not affine:
         w = b = None
     rm2, rv2 = rm.copy(), rv.copy()
-    assert _fastpath.forward(x, w, b, rm.copy(), rv.copy(), training, 0.3, 1e-3, 1, None,
+    assert _fastpath.forward(x, w, b, rm.copy(), rv.copy(), training, 0.3, 1e-3, axis, None,
                              None, None, None) is not None
     fast = fastbn.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv,
-                                     training=training, momentum=0.3, eps=1e-3)
+                                     training=training, momentum=0.3, eps=1e-3, axis=axis)
     assert fastbn.last_backend() == "cython"
     general = fastbn.batch_norm_forward(x, w, b, running_mean=rm2, running_var=rv2,
-                                        training=training, momentum=0.3, eps=1e-3,
+                                        training=training, momentum=0.3, eps=1e-3, axis=axis,
                                         backend="cython")
     for got, want in zip(fast, general):
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -46,15 +57,16 @@ def test_forward_equals_general_path(rng, shape, dtype, training, affine):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_backward_equals_general_path(rng, shape, dtype):
-    x, w, _, _, _ = _args(rng, shape, dtype)
-    dy = rng.normal(size=shape).astype(dtype)
-    _, mean, invstd = fastbn.batch_norm_forward(x, w)
-    assert _fastpath.backward(dy, x, mean, invstd, w, True, 1, None, None, False,
+@pytest.mark.parametrize("axis", AXES)
+def test_backward_equals_general_path(rng, shape, dtype, axis):
+    x, w, _, _, _ = _args_on(rng, shape, dtype, axis)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    _, mean, invstd = fastbn.batch_norm_forward(x, w, axis=axis)
+    assert _fastpath.backward(dy, x, mean, invstd, w, True, axis, None, None, False,
                               None) is not None
     for weight in (w, None):
-        fast = fastbn.batch_norm_backward(dy, x, mean, invstd, weight=weight)
-        general = fastbn.batch_norm_backward(dy, x, mean, invstd, weight=weight,
+        fast = fastbn.batch_norm_backward(dy, x, mean, invstd, weight=weight, axis=axis)
+        general = fastbn.batch_norm_backward(dy, x, mean, invstd, weight=weight, axis=axis,
                                              backend="cython")
         for got, want in zip(fast, general):
             np.testing.assert_array_equal(got, want)
@@ -68,8 +80,8 @@ def _forward_variants(x, w, b, rm, rv):
         ("byte-swapped", dict(x=x.astype(x.dtype.newbyteorder()))),
         ("non-contiguous", dict(x=np.asfortranarray(x))),
         ("subclass", dict(x=np.ma.masked_array(x))),
-        ("axis=-1", dict(axis=-1, weight=None, bias=None, running_mean=None,
-                         running_var=None)),
+        ("axis out of range", dict(axis=3)),
+        ("axis a float", dict(axis=1.0)),
         ("out", dict(out=np.empty_like(x))),
         ("activation", dict(activation="relu")),
         ("residual", dict(residual=np.zeros_like(x))),
@@ -129,6 +141,6 @@ def test_backward_variants_take_the_general_path(rng):
     assert _fastpath.backward(**base) is not None
     for change in (dict(training=False), dict(dy=dy.astype(np.float64)),
                    dict(mean=mean.astype(np.float64)), dict(dy=np.asfortranarray(dy)),
-                   dict(activation="relu", y=x), dict(residual=True), dict(axis=-1),
+                   dict(activation="relu", y=x), dict(residual=True), dict(axis=5),
                    dict(backend="numpy"), dict(dy=dy[:, :, :2])):
         assert _fastpath.backward(**dict(base, **change)) is None, change
