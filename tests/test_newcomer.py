@@ -68,22 +68,23 @@ def test_bench_markdown(capsys):
     assert float(row[5]) > 0 and len(row) == len(header)
 
 
-def test_first_call_does_not_import_lower_backends():
+def test_first_call_does_not_import_lower_backends(tmp_path):
     # The numba backend ranks below cython: probing it would import numba (~0.2 s) for
-    # a call cython serves.
+    # a call cython serves. (Run outside the checkout, which holds an uncompiled tree.)
     if not fastbn.get_backend("cython").is_available()[0]:
         pytest.skip("the cython backend is not built here")
     result = _python("import sys, numpy as np, fastbn\n"
                      "fastbn.batch_norm_forward(np.ones((4, 3), np.float32))\n"
-                     "assert fastbn.last_backend() == 'cython'\n"
-                     "print('numba' in sys.modules)")
+                     "assert fastbn.last_backend() == 'cython', fastbn.last_backend()\n"
+                     "print('numba' in sys.modules)", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("module,package", [("torch", "torch==2.13.0"), ("jax", "jax")])
-def test_adapter_without_its_framework_says_what_to_install(module, package):
-    result = _python(f"import sys; sys.modules[{module!r}] = None\nimport fastbn.{module}")
+def test_adapter_without_its_framework_says_what_to_install(module, package, tmp_path):
+    result = _python(f"import sys; sys.modules[{module!r}] = None\nimport fastbn.{module}",
+                     cwd=tmp_path)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: fastbn.") and f"pip install {package}" in last
@@ -93,8 +94,11 @@ def test_adapter_without_its_framework_says_what_to_install(module, package):
 def test_checkout_advice_is_one_wording():
     from fastbn._backends.cython_omp import unbuilt_reason
     reason = unbuilt_reason("ImportError: no module")
-    if os.path.exists(os.path.join(ROOT, "setup.py")):
+    imported_from = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+    if os.path.exists(os.path.join(imported_from, "setup.py")):  # an editable checkout
         assert "source checkout" in reason and "pip install -e ." in reason
+    else:  # an installed fastbn: no checkout to point at
+        assert "reinstall fastbn on a machine with a C compiler" in reason
     info = fastbn.show_config("dicts")
     assert info["threads"] == fastbn.get_num_threads()
 
@@ -117,8 +121,9 @@ def test_bench_json_carries_label_revision_and_minima(tmp_path, capsys):
     assert run["label"] == "v1-candidate"
     if run["git_revision"] is not None:  # a checkout: uncommitted changes are named
         import subprocess
+        package = os.path.dirname(os.path.abspath(fastbn.__file__))  # where bench asks git
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+                               cwd=package, capture_output=True, text=True).stdout.strip()
         assert run["git_revision"].endswith("-dirty") == bool(dirty)
     row = run["results"][0]
     assert 0 < row["min_s"] <= row["median_s"] <= row["p90_s"]
