@@ -1,16 +1,17 @@
 """The common call, recognised in a few attribute checks and sent straight to the kernels.
 
 Most calls are the same: a C-contiguous float32/float64 NumPy ``x`` (channels on any
-axis: NCHW, NHWC with ``axis=-1``, NC), per-channel NumPy vectors in x's dtype, no epilogue, no ``out``, and the
-Cython backend chosen by automatic selection. For those, the general path's
-validation, canonical view, dispatch and result checks cost 15-20 µs warm, and
-several times that when the interpreter's own working set has been evicted from the
-caches (a 2 MB batch norm between two convolutions): more than the kernel itself on
-small inputs. Here such a call is *recognised* — every condition is a cheap identity
-or attribute test — and run with the same kernels and the same per-channel
-arithmetic, so the results are bit for bit the general path's. Anything not
-recognised returns None and takes the general path, which validates it (and raises
-its errors); this module never raises for bad input.
+axis: NCHW, NHWC with ``axis=-1``, NC), per-channel NumPy vectors in x's dtype, no
+epilogue, no ``out``, and the Cython backend serving (chosen automatically or by
+name). For those, the general path's validation, canonical view, dispatch and result
+checks cost 15-20 µs warm, and several times that when the interpreter's own working
+set has been evicted from the caches (a 2 MB batch norm between two convolutions):
+more than the kernel itself on small inputs. Here such a call is *recognised* — every
+condition is a cheap identity or attribute test — and run with the same kernels and
+the same per-channel arithmetic, so the results are bit for bit the general path's.
+Anything not recognised returns None and takes the general path, which validates it
+(and raises its errors); this module raises only what the general path would raise
+for the same call (an unknown or unavailable backend named).
 """
 import math
 
@@ -23,11 +24,14 @@ _STAT = {np.dtype(np.float32): np.float32, np.dtype(np.float64): np.float64}
 _kernels = None  # fastbn._kernels._bn_omp once the cython backend has been chosen
 
 
-def _cython_serves(dtype, family):
-    """The kernels module when automatic selection would pick the built-in Cython
-    backend first for this call (cached by the registry), else None."""
+def _cython_serves(dtype, family, backend):
+    """The kernels module when the built-in Cython backend would serve this call first
+    (automatic selection, or ``backend`` naming it; the registry caches the answer),
+    else None."""
     global _kernels
-    first = _registry.candidates("cpu", dtype, family)[0]
+    if backend is not None and backend != "cython":
+        return None
+    first = _registry.candidates("cpu", dtype, family, backend)[0]
     if first.name != "cython" or type(first).__module__ != "fastbn._backends.cython_omp" \
             or not _registry._probe(first)[0]:
         return None
@@ -59,7 +63,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
             activation, residual, out, backend):
     """(y, mean, invstd) of a recognised batch_norm_forward call, else None."""
     if activation is not None or residual is not None or out is not None \
-            or backend is not None or type(eps) is not float or not 0.0 < eps < math.inf:
+            or type(eps) is not float or not 0.0 < eps < math.inf:
         return None
     dims = _planes(x, axis)
     if dims is None:
@@ -77,7 +81,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
             or (updates and (type(momentum) is not float or not math.isfinite(momentum))):
         return None
     name = "float32" if dtype.itemsize == 4 else "float64"
-    kernels = _cython_serves(name, "planes" if i > 1 else "rows")
+    kernels = _cython_serves(name, "planes" if i > 1 else "rows", backend)
     if kernels is None:
         return None
     stat = _STAT[dtype]
@@ -110,7 +114,7 @@ def backward(dy, x, mean, invstd, weight, training, axis, activation, y, residua
     """(dx, dweight, dbias) of a recognised batch_norm_backward call in training mode,
     else None."""
     if training is not True or activation is not None or y is not None \
-            or residual is not False or backend is not None:
+            or residual is not False:
         return None
     dims = _planes(x, axis)
     if dims is None or type(dy) is not np.ndarray or dy.dtype is not x.dtype \
@@ -122,7 +126,7 @@ def backward(dy, x, mean, invstd, weight, training, axis, activation, y, residua
             or not _vector(invstd, c, dtype) or not _vector(weight, c, dtype):
         return None
     kernels = _cython_serves("float32" if dtype.itemsize == 4 else "float64",
-                             "planes" if i > 1 else "rows")
+                             "planes" if i > 1 else "rows", backend)
     if kernels is None:
         return None
     if weight is None:

@@ -165,24 +165,23 @@ def _prepare_fastbn(name, case, threads):
     axis = _axis(case)
     out = aligned_empty(x.shape, x.dtype) if case.op == "forward-training-out" else None
 
+    # the thread count is set once for the run (run_cases), as torch's is: no per-call context
     def forward():
-        with fastbn.num_threads(threads):
-            fastbn.batch_norm_forward(x, p["weight"], p["bias"], running_mean=p["running_mean"],
-                                      running_var=p["running_var"], training=True, axis=axis, out=out,
-                                      backend=name)
+        fastbn.batch_norm_forward(x, p["weight"], p["bias"], running_mean=p["running_mean"],
+                                  running_var=p["running_var"], training=True, axis=axis, out=out,
+                                  backend=name)
 
     def inference():
-        with fastbn.num_threads(threads):
-            fastbn.batch_norm_forward(x, p["weight"], p["bias"], running_mean=p["running_mean"],
-                                      running_var=p["running_var"], training=False, axis=axis, backend=name)
+        fastbn.batch_norm_forward(x, p["weight"], p["bias"], running_mean=p["running_mean"],
+                                  running_var=p["running_var"], training=False, axis=axis,
+                                  backend=name)
 
     if case.op == "backward":  # the statistics a backward pass is handed
         fwd = fastbn.batch_norm_forward(x, p["weight"], p["bias"], axis=axis, backend=name)
 
     def backward():
-        with fastbn.num_threads(threads):
-            fastbn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, weight=p["weight"], axis=axis,
-                                       backend=name)
+        fastbn.batch_norm_backward(dy, x, fwd.mean, fwd.invstd, weight=p["weight"], axis=axis,
+                                   backend=name)
 
     return {"inference": inference, "backward": backward}.get(case.op, forward)
 
@@ -349,6 +348,15 @@ def run_cases(cases, contenders, *, threads=None, repeats=15, progress=None, col
     ratios to torch for both.
     """
     threads = threads or _threads.get_num_threads()
+    before = _threads._global
+    _threads.set_num_threads(threads)  # fastbn's count, set once as torch's is
+    try:
+        return _run_cases(cases, contenders, threads, repeats, progress, cold)
+    finally:
+        _threads.set_num_threads(before)
+
+
+def _run_cases(cases, contenders, threads, repeats, progress, cold):
     flush = CacheFlusher() if cold else (lambda: None)
     results = []
     total = len(cases) * len(contenders)
