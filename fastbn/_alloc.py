@@ -38,26 +38,43 @@ def _default_limit():
 
 class _Slot:
     """One cached buffer: ``raw``, the array that owns the memory (every view of it, the
-    caller's included, has ``raw`` as its base), and ``start``, its 64-byte-aligned
-    offset. Counting references to ``raw`` through the slot gives the same number
-    wherever the cache looks, when nobody else holds it."""
+    caller's included, has ``raw`` as its base); ``aligned``, its 64-byte-aligned bytes;
+    and ``last``, the array handed out last. Counting references to ``raw`` and ``last``
+    through the slot gives the same numbers wherever the cache looks, when nobody else
+    holds them."""
 
-    __slots__ = ("raw", "start")
+    __slots__ = ("raw", "aligned", "last")
 
-    def __init__(self, nbytes):
+    def __init__(self, nbytes, shape, dtype):
         self.raw = np.empty(nbytes + _ALIGN, np.uint8)
-        self.start = -self.raw.ctypes.data % _ALIGN
-
-    def array(self, shape, dtype, nbytes):
-        return self.raw[self.start:self.start + nbytes].view(dtype).reshape(shape)
+        start = -self.raw.ctypes.data % _ALIGN
+        self.aligned = self.raw[start:start + nbytes]
+        self.last = self.aligned.view(dtype).reshape(shape)
 
     def free(self):
-        return sys.getrefcount(self.raw) <= _FREE_REFS
+        return sys.getrefcount(self.raw) <= _RAW_FREE and sys.getrefcount(self.last) <= _LAST_FREE
+
+    def take(self, shape, dtype):
+        """The buffer as an array of ``shape`` and ``dtype`` when it is free, else None.
+        The array handed out last is handed out again when nobody changed it (so a loop
+        of same-shaped calls creates no array object: with cold caches, making one costs
+        more than the cache's bookkeeping)."""
+        if not self.free():
+            return None
+        last = self.last
+        if not (last.shape == shape and last.dtype is dtype and last.flags.writeable
+                and last.flags.c_contiguous):
+            self.last = last = self.aligned.view(dtype).reshape(shape)
+        return last
 
 
-_PROBE = _Slot(1)
-_FREE_REFS = sys.getrefcount(_PROBE.raw)  # the slot's reference and the call's
-del _PROBE
+def _reference_counts():
+    probe = _Slot(8, (2,), np.dtype(np.float32))
+    return sys.getrefcount(probe.raw), sys.getrefcount(probe.last)
+
+
+# raw: the slot's, aligned's and last's bases, the call's; last: the slot's, the call's
+_RAW_FREE, _LAST_FREE = _reference_counts()
 
 
 class OutputCache:
@@ -76,13 +93,15 @@ class OutputCache:
             nbytes *= n
         if nbytes < _MIN_BYTES or self.limit <= 0:
             return np.empty(shape, dtype)
+        shape = tuple(shape)
         with self._lock:
-            slot = next((s for s in self._slots.get(nbytes, ()) if s.free()), None)
-            if slot is not None:
-                return slot.array(shape, dtype, nbytes)
-            slot = _Slot(nbytes)
+            for slot in self._slots.get(nbytes, ()):
+                array = slot.take(shape, dtype)
+                if array is not None:
+                    return array
+            slot = _Slot(nbytes, shape, dtype)
             self._slots.setdefault(nbytes, []).append(slot)
-            array = slot.array(shape, dtype, nbytes)  # holds the buffer from here on
+            array = slot.last  # holds the buffer from here on
             self._trim()  # when the cache grows (a reuse adds nothing to keep track of)
         return array
 
