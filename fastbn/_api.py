@@ -5,7 +5,7 @@ statistics) so that each backend only moves data: see the composition below.
 """
 from typing import Any, NamedTuple
 
-from . import _fastpath, _registry
+from . import _fastpath, _perchannel, _registry
 from ._arrays import Interop, device_scope
 from ._merge import Moments
 from ._registry import WRITE_AND_REDUCE_KERNELS
@@ -79,10 +79,6 @@ class ResidualBackwardResult(NamedTuple):
 # Kernel results are checked (arity, shape, dtype, written in place) before use. A
 # fused kernel that declines hands the call to the same backend's four kernels.
 
-def _invstd(xp, var, eps):
-    return 1.0 / xp.sqrt(var + eps)
-
-
 def _reduce(be, kernel, view, *args):
     """Call a kernel that returns two (C,) vectors, and check what it returned."""
     return kernel_vectors(getattr(be, kernel)(*args), (be.name, kernel), view)
@@ -152,12 +148,12 @@ def _train_forward(be, view, weight, bias, eps, y3, fresh, epilogue):
         stats = _fill(be, fused, view, fresh, *args, y3)
         if stats is not NotImplemented:
             mean, m2 = stats
-            return mean, m2, _invstd(xp, m2 / n, eps)
+            return mean, m2, _perchannel.invstd(xp, m2 / n, eps)
     stats = _reduce(be, "stats", view, x3)
     if stats is NotImplemented:
         return NotImplemented
     mean, m2 = stats
-    invstd = _invstd(xp, m2 / n, eps)
+    invstd = _perchannel.invstd(xp, m2 / n, eps)
     if _normalize(be, view, fresh, mean, weight * invstd, bias, y3,
                   epilogue) is NotImplemented:
         return NotImplemented
@@ -294,7 +290,7 @@ def _synced_train_forward(view, device, backend, weight, bias, eps, y3, fresh, e
     if n == 0:  # every part empty: NaN statistics, as an empty batch gets (and no 0/0)
         mean = view.xp.full_like(mean, view.xp.nan)
         return n, mean, m2, mean.copy()
-    invstd = _invstd(view.xp, m2 / n, eps)
+    invstd = _perchannel.invstd(view.xp, m2 / n, eps)
     if view.x3.size:
         _registry.dispatch(device, name_of(view.x3.dtype), view.family, backend,
                            lambda be: _normalize(be, view, fresh, mean, weight * invstd, bias,
@@ -321,8 +317,9 @@ def _synced_train_backward(view, backend, dy3, y3, dz3, mean, invstd, weight, dx
     part = []
 
     def local():
-        part.extend(_local_sums(view, backend, dy3, y3, mean)[1:])
-        return (view.count if view.x3.size else 0, *part)
+        sums = _local_sums(view, backend, dy3, y3, mean)
+        part.extend(sums[1:])
+        return sums
 
     n, sum_dy, sum_dy_xmu = sync.sums(local)
     sum_dy, sum_dy_xmu = _in_stat_dtype(view, sum_dy, sum_dy_xmu)
@@ -488,7 +485,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         if training:
             nan = xp.full(c, xp.nan, dtype=stat)
             return y, nan, nan.copy()
-        return (y, *_running_statistics(xp, running_mean, running_var, eps, stat))
+        return (y, *_perchannel.running_statistics(xp, running_mean, running_var, eps, stat))
     epilogue = None
     if relu or residual is not None:
         epilogue = (None if residual is None else view.like(residual), relu)
@@ -511,14 +508,10 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         mean, m2, invstd = _registry.dispatch(
             device, dtype, view.family, backend,
             lambda be: _train_forward(be, view, weight, bias, eps, y3, fresh, epilogue))
-    if training and updates:  # in the stat dtype; stored in the running statistics' own dtype
-        rm, rv = (r.astype(stat, copy=False) for r in (running_mean, running_var))
-        new_mean = (1.0 - momentum) * rm + momentum * mean
-        new_var = (1.0 - momentum) * rv + momentum * (m2 / (n - 1))
-        running_mean[...] = new_mean
-        running_var[...] = new_var
+    if training and updates:
+        _perchannel.update_running(running_mean, running_var, mean, m2, n, momentum, stat)
     if not training:
-        mean, invstd = _running_statistics(xp, running_mean, running_var, eps, stat)
+        mean, invstd = _perchannel.running_statistics(xp, running_mean, running_var, eps, stat)
         scale = weight * invstd
         _registry.dispatch(device, dtype, view.family, backend,
                            lambda be: _normalize(be, view, fresh, mean, scale, bias, y3,
@@ -538,13 +531,6 @@ def local_moments(x, axis=1, backend=None):
         view = canonical(x, axis)
         n, mean, m2 = _local_moments(view, device_of(view.xp), backend)
     return Moments(n, io.wrap(mean), io.wrap(m2))
-
-
-def _running_statistics(xp, running_mean, running_var, eps, stat):
-    """(mean, invstd) of inference, in the stat dtype whatever the running statistics' dtype."""
-    mean = xp.array(running_mean, dtype=stat)
-    invstd = _invstd(xp, running_var.astype(stat, copy=False), eps)
-    return mean, invstd.astype(stat, copy=False)
 
 
 def batch_norm_backward(dy, x, mean, invstd, *, weight=None, training=True, axis=1,

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from . import _alloc, _registry
+from . import _alloc, _perchannel, _registry
 from ._threads import threads_for
 
 _STAT = {np.dtype(np.float32): np.float32, np.dtype(np.float64): np.float64}
@@ -98,13 +98,11 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
             return None
         mean, m2 = stats
         n = o * i
-        invstd = 1.0 / np.sqrt(m2 / n + eps)
-        if updates:  # the general path's expressions, so the same roundings
-            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-            running_var[...] = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
+        invstd = _perchannel.invstd(np, m2 / n, eps)
+        if updates:
+            _perchannel.update_running(running_mean, running_var, mean, m2, n, momentum, stat)
     else:
-        mean = np.array(running_mean, dtype=stat)
-        invstd = 1.0 / np.sqrt(running_var + eps)
+        mean, invstd = _perchannel.running_statistics(np, running_mean, running_var, eps, stat)
         kernels.normalize(x3, mean, weight * invstd, bias, y3, threads, False)
     _registry._last.name = "cython"
     return y, mean, invstd
